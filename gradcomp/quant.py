@@ -1,0 +1,215 @@
+"""Round tensors onto an :class:`FPFormat` grid: encode to integer codes, decode, quantize.
+
+The kernels work on the integer bit pattern of the input (float32, or float64 for float64
+input), branch-free: every element goes through the same integer ops, with masks instead of
+branches, so the code is vectorized, compiles well and runs the same on CPU and CUDA.
+
+Numerics (for a format with ``m`` mantissa bits and exponent range ``[emin, emax]``):
+
+* An input ``x = S * 2**L`` (``S`` its integer significand) lives in binade ``e = floor(log2|x|)``;
+  on the target grid its unit in the last place is ``2**(max(e, emin) - m)`` (below ``emin`` the
+  subnormal spacing stays constant). The kernel drops ``d`` low bits of ``S`` accordingly.
+* ``"nearest"``: round half to even (ties go to the even code, as in ml_dtypes; for
+  ``man_bits == 0`` that is the even exponent field), exactly (integer arithmetic, no double rounding: float64
+  inputs are rounded from their own 53-bit significand; float16/bfloat16 are widened to float32
+  losslessly first).
+* ``"stochastic"``: round up with probability equal to the dropped fraction, using ``d`` bits of
+  counter-based noise (:mod:`gradcomp.rng`); exactly unbiased whenever ``d <= 30`` (every
+  float32 input down to ``2**-(7 + m)`` times the smallest subnormal). Smaller inputs, and float64
+  inputs, first truncate to 30 noise-sized bits: a bias below ``2**-30`` of one grid step.
+* Overflow saturates to ``+-max`` (the formats have no inf); ``+-inf`` -> ``+-max``.
+* The sign survives rounding to zero (``-tiny -> -0.0``), as in ml_dtypes.
+* NaN has no code. :func:`quantize` returns NaN for NaN. :func:`encode` raises ``ValueError`` on
+  NaN unless ``nan_check=False``, in which case NaN saturates like inf (sign bit kept) and the
+  caller must carry the information itself (the codecs put a non-finite flag in their header;
+  :func:`has_nonfinite` is the cheap, sync-free check).
+
+Code layout: ``sign << (e + m) | exponent_field << m | mantissa_field``; codes are uint8 for
+formats of at most 8 bits, int32 otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import FPFormat
+from .rng import hash_bits, resolve_key
+
+ROUNDING_MODES = ("nearest", "stochastic")
+_NOISE_BITS = 30  # at most this many bits of noise per element (keeps S + noise < 2**31)
+
+
+@dataclass(frozen=True)
+class _SourceLayout:
+    """Bit layout of the float type the kernel reads (float32 or float64)."""
+
+    float_dtype: torch.dtype
+    int_dtype: torch.dtype
+    man_bits: int
+    bias: int
+    exp_mask: int
+
+    @property
+    def sign_shift(self) -> int:
+        return self.man_bits + self.exp_mask.bit_length()
+
+
+_F32 = _SourceLayout(torch.float32, torch.int32, 23, 127, 0xFF)
+_F64 = _SourceLayout(torch.float64, torch.int64, 52, 1023, 0x7FF)
+
+
+def _check_rounding(rounding: str) -> bool:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    return rounding == "stochastic"
+
+
+def _check_input(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what}: expected a floating-point tensor, got dtype {x.dtype}")
+
+
+def _as_source(x: torch.Tensor) -> tuple[torch.Tensor, _SourceLayout]:
+    """Return ``x`` as contiguous float32 (or float64) with the matching bit layout."""
+    if x.dtype == torch.float64:
+        return x.contiguous(), _F64
+    # float16, bfloat16 and float8 widen to float32 exactly.
+    return x.to(torch.float32).contiguous(), _F32
+
+
+def code_dtype(fmt: FPFormat) -> torch.dtype:
+    """Integer dtype of codes: uint8 for formats of at most 8 bits, int32 otherwise."""
+    return torch.uint8 if fmt.bits <= 8 else torch.int32
+
+
+def _encode_bits(
+    xs: torch.Tensor, src: _SourceLayout, fmt: FPFormat, stochastic: bool, key: int
+) -> torch.Tensor:
+    """Return codes (in ``src.int_dtype``) of the float tensor ``xs`` laid out as ``src``."""
+    m, b = fmt.man_bits, fmt.bias
+    u = xs.view(src.int_dtype)
+    sign = (u >> src.sign_shift) & 1
+    a = u & ((1 << src.sign_shift) - 1)
+    ef = a >> src.man_bits
+    ef1 = ef.clamp(min=1)
+    # Integer significand with its implicit bit; x = sig * 2**lsb.
+    sig = (a & ((1 << src.man_bits) - 1)) + ((ef1 - ef) ^ 1) * (1 << src.man_bits)
+    lsb = ef1 - (src.bias + src.man_bits)
+    # Binade of |x|. Source subnormals only matter when the format's normals reach below the
+    # source's normal range; then read the binade off sig's own float exponent.
+    binade = ef1 - src.bias
+    if fmt.min_exponent < 1 - src.bias:
+        sig_exp = (sig.to(torch.float32).view(torch.int32) >> 23) - 127
+        binade = torch.where(ef == 0, lsb + sig_exp.to(src.int_dtype), binade)
+    top = binade.clamp(min=fmt.min_exponent)  # binade on the target grid
+    drop = top - m - lsb  # low bits of sig below the target's last place (>= 23 - m > 0)
+    if stochastic:
+        dc = drop.clamp(max=_NOISE_BITS)
+        sig = sig >> (drop - dc).clamp(max=src.man_bits + 1)
+        idx = torch.arange(xs.numel(), dtype=torch.int32, device=xs.device).view(xs.shape)
+        noise = ((hash_bits(idx, key) >> 1) & 0x7FFFFFFF) >> (31 - dc).to(torch.int32)
+        q = (sig + noise.to(src.int_dtype)) >> dc
+    else:
+        # Round half to even: add half an ulp minus one, plus the would-be last bit.
+        dc = drop.clamp(max=src.man_bits + 2)  # beyond that everything rounds to zero anyway
+        # Ties go to the even code (ml_dtypes' rule). With m >= 1 that is the even mantissa;
+        # with m == 0 the code's last bit is the exponent's, which depends on the binade too.
+        odd = sig >> dc if m else (sig >> dc) + top + (b - 1)
+        q = (sig + ((1 << (dc - 1)) - 1) + (odd & 1)) >> dc
+    # q counts target ulps in binade ``top``; a carry into the next binade lands in the exponent.
+    code = ((top + (b - 1)) << m) + q
+    code = code.clamp(max=fmt.max_code)  # saturate (also catches inf and NaN)
+    return code | (sign << (fmt.exp_bits + m))
+
+
+def has_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """Return a 0-dim bool tensor: does ``x`` hold any inf or NaN? (No host sync.)"""
+    return ~torch.isfinite(x).all()
+
+
+def encode(
+    x: torch.Tensor,
+    fmt: FPFormat,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    *,
+    key: int | None = None,
+    nan_check: bool = True,
+) -> torch.Tensor:
+    """Round ``x`` onto ``fmt`` and return the integer codes (same shape).
+
+    Codes are ``sign | exponent | mantissa`` (sign in the top bit), uint8 for formats of at most
+    8 bits, int32 otherwise. Rounding, saturation and NaN policy: see the module docstring.
+    Stochastic rounding draws from ``generator`` (one draw) or uses ``key`` directly.
+
+    Example:
+        >>> fmt = FPFormat(3, 2)
+        >>> encode(torch.tensor([1.0, -1.1, 100.0]), fmt).tolist()
+        [12, 44, 31]
+    """
+    _check_input(x, "encode")
+    stochastic = _check_rounding(rounding)
+    k = resolve_key(generator, key, "encode") if stochastic else 0
+    if nan_check and bool(torch.isnan(x).any()):
+        raise ValueError(
+            f"encode: input has NaN, and {fmt.name} has no NaN code; check with "
+            "gradcomp.has_nonfinite() and carry a flag, or pass nan_check=False to saturate NaN"
+        )
+    xs, src = _as_source(x)
+    return _encode_bits(xs, src, fmt, stochastic, k).to(code_dtype(fmt))
+
+
+def decode_table(fmt: FPFormat, device: torch.device | str | None = None) -> torch.Tensor:
+    """Return the float32 value of every code ``0 .. 2**bits - 1`` (exact; ``-0.0`` included)."""
+    codes = torch.arange(fmt.sign_bit, dtype=torch.int64, device=device)
+    ef, mf = codes >> fmt.man_bits, codes & ((1 << fmt.man_bits) - 1)
+    sig = mf + (ef > 0).to(torch.int64) * (1 << fmt.man_bits)
+    mag = torch.ldexp(sig.to(torch.float64),
+                      (ef.clamp(min=1) - fmt.bias - fmt.man_bits).to(torch.float64))
+    return torch.cat([mag, -mag]).to(torch.float32)
+
+
+def decode(codes: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """Return the float32 values of ``codes`` (integer tensor of ``fmt`` codes), same shape.
+
+    Exact: every code of a valid format is a float32 number. Codes outside ``0 .. 2**bits - 1``
+    raise ``ValueError``.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+        raise ValueError("decode: expected an integer tensor of codes")
+    idx = codes.to(torch.int64)
+    if idx.numel() and bool(((idx < 0) | (idx >= fmt.num_codes)).any()):
+        raise ValueError(f"decode: codes must be in 0..{fmt.num_codes - 1} for {fmt.name}")
+    return decode_table(fmt, codes.device)[idx]
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: FPFormat,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    *,
+    key: int | None = None,
+) -> torch.Tensor:
+    """Return ``x`` rounded onto ``fmt``'s grid, as float32 (same shape).
+
+    Equals ``decode(encode(x, ...))`` for inputs without NaN; NaN stays NaN, ``+-inf`` and
+    overflow saturate to ``+-fmt.max``. ``rounding="nearest"`` is round half to even;
+    ``"stochastic"`` is exactly unbiased (see the module docstring) and needs ``generator``
+    or ``key``.
+
+    Example:
+        >>> quantize(torch.tensor([0.3, 1.1, 1e9]), FPFormat(3, 2)).tolist()
+        [0.3125, 1.0, 28.0]
+    """
+    _check_input(x, "quantize")
+    stochastic = _check_rounding(rounding)
+    k = resolve_key(generator, key, "quantize") if stochastic else 0
+    xs, src = _as_source(x)
+    codes = _encode_bits(xs, src, fmt, stochastic, k)
+    out = decode_table(fmt, x.device)[codes.to(torch.int64)]
+    return torch.where(torch.isnan(xs), xs.to(torch.float32), out)
