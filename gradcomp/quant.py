@@ -38,6 +38,7 @@ from .formats import FPFormat
 from .rng import hash_bits, resolve_key
 
 ROUNDING_MODES = ("nearest", "stochastic")
+MAX_SCALE_EXP = 2**14  # power-of-two scales travel as int16 in payload headers
 _NOISE_BITS = 30  # at most this many bits of noise per element (keeps S + noise < 2**31)
 
 
@@ -87,9 +88,14 @@ def code_dtype(fmt: FPFormat) -> torch.dtype:
 
 
 def _encode_bits(
-    xs: torch.Tensor, src: _SourceLayout, fmt: FPFormat, stochastic: bool, key: int
+    xs: torch.Tensor, src: _SourceLayout, fmt: FPFormat, stochastic: bool, key: int,
+    scale_exp: int = 0,
 ) -> torch.Tensor:
-    """Return codes (in ``src.int_dtype``) of the float tensor ``xs`` laid out as ``src``."""
+    """Return codes (in ``src.int_dtype``) of ``xs * 2**-scale_exp``, ``xs`` laid out as ``src``.
+
+    The scale is applied to the exponent arithmetic, so it is exact (no intermediate product
+    can overflow or lose subnormal bits).
+    """
     m, b = fmt.man_bits, fmt.bias
     u = xs.view(src.int_dtype)
     sign = (u >> src.sign_shift) & 1
@@ -98,15 +104,21 @@ def _encode_bits(
     ef1 = ef.clamp(min=1)
     # Integer significand with its implicit bit; x = sig * 2**lsb.
     sig = (a & ((1 << src.man_bits) - 1)) + ((ef1 - ef) ^ 1) * (1 << src.man_bits)
-    lsb = ef1 - (src.bias + src.man_bits)
-    # Binade of |x|. Source subnormals only matter when the format's normals reach below the
-    # source's normal range; then read the binade off sig's own float exponent.
-    binade = ef1 - src.bias
-    if fmt.min_exponent < 1 - src.bias:
+    lsb = ef1 - (src.bias + src.man_bits + scale_exp)
+    # Binade of |x| * 2**-scale_exp. Source subnormals only matter when the (scaled) format's
+    # normals reach below the source's normal range; then read the binade off sig's own float
+    # exponent.
+    binade = ef1 - (src.bias + scale_exp)
+    if fmt.min_exponent + scale_exp < 1 - src.bias:
         sig_exp = (sig.to(torch.float32).view(torch.int32) >> 23) - 127
         binade = torch.where(ef == 0, lsb + sig_exp.to(src.int_dtype), binade)
     top = binade.clamp(min=fmt.min_exponent)  # binade on the target grid
-    drop = top - m - lsb  # low bits of sig below the target's last place (>= 23 - m > 0)
+    drop = top - m - lsb  # low bits of sig below the target's last place
+    if fmt.min_subnormal_exponent + scale_exp < 1 - src.bias - src.man_bits:
+        # A scale can lift source subnormals into binades finer than their own bits: shift the
+        # significand left so at least one (zero) bit is dropped; rounding stays exact.
+        left = (1 - drop).clamp(min=0)
+        sig, drop = sig << left, drop + left
     if stochastic:
         dc = drop.clamp(max=_NOISE_BITS)
         sig = sig >> (drop - dc).clamp(max=src.man_bits + 1)
@@ -139,12 +151,14 @@ def encode(
     *,
     key: int | None = None,
     nan_check: bool = True,
+    scale_exp: int = 0,
 ) -> torch.Tensor:
-    """Round ``x`` onto ``fmt`` and return the integer codes (same shape).
+    """Round ``x * 2**-scale_exp`` onto ``fmt`` and return the integer codes (same shape).
 
     Codes are ``sign | exponent | mantissa`` (sign in the top bit), uint8 for formats of at most
     8 bits, int32 otherwise. Rounding, saturation and NaN policy: see the module docstring.
-    Stochastic rounding draws from ``generator`` (one draw) or uses ``key`` directly.
+    Stochastic rounding draws from ``generator`` (one draw) or uses ``key`` directly. The
+    power-of-two scale ``scale_exp`` is exact (folded into the exponent arithmetic).
 
     Example:
         >>> fmt = FPFormat(3, 2)
@@ -160,31 +174,43 @@ def encode(
             "gradcomp.has_nonfinite() and carry a flag, or pass nan_check=False to saturate NaN"
         )
     xs, src = _as_source(x)
-    return _encode_bits(xs, src, fmt, stochastic, k).to(code_dtype(fmt))
+    return _encode_bits(xs, src, fmt, stochastic, k, _check_scale(scale_exp)).to(code_dtype(fmt))
 
 
-def decode_table(fmt: FPFormat, device: torch.device | str | None = None) -> torch.Tensor:
-    """Return the float32 value of every code ``0 .. 2**bits - 1`` (exact; ``-0.0`` included)."""
+def _check_scale(scale_exp: int) -> int:
+    if isinstance(scale_exp, bool) or not isinstance(scale_exp, int) or abs(scale_exp) > MAX_SCALE_EXP:
+        raise ValueError(f"scale_exp must be an int in -{MAX_SCALE_EXP}..{MAX_SCALE_EXP}, got {scale_exp!r}")
+    return scale_exp
+
+
+def decode_table(
+    fmt: FPFormat, device: torch.device | str | None = None, scale_exp: int = 0
+) -> torch.Tensor:
+    """Return the float32 value of every code ``0 .. 2**bits - 1``, times ``2**scale_exp``.
+
+    Exact (``-0.0`` included) while the scaled values fit float32; beyond that they round as
+    float32 does (to inf above its range, to float32 subnormals or zero below).
+    """
     codes = torch.arange(fmt.sign_bit, dtype=torch.int64, device=device)
     ef, mf = codes >> fmt.man_bits, codes & ((1 << fmt.man_bits) - 1)
     sig = mf + (ef > 0).to(torch.int64) * (1 << fmt.man_bits)
     mag = torch.ldexp(sig.to(torch.float64),
-                      (ef.clamp(min=1) - fmt.bias - fmt.man_bits).to(torch.float64))
+                      (ef.clamp(min=1) - fmt.bias - fmt.man_bits + scale_exp).to(torch.float64))
     return torch.cat([mag, -mag]).to(torch.float32)
 
 
-def decode(codes: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
-    """Return the float32 values of ``codes`` (integer tensor of ``fmt`` codes), same shape.
+def decode(codes: torch.Tensor, fmt: FPFormat, *, scale_exp: int = 0) -> torch.Tensor:
+    """Return the float32 values of ``codes`` (integer tensor of ``fmt`` codes) times ``2**scale_exp``.
 
-    Exact: every code of a valid format is a float32 number. Codes outside ``0 .. 2**bits - 1``
-    raise ``ValueError``.
+    Exact: every code of a valid format is a float32 number (with a scale, while the product
+    fits float32). Codes outside ``0 .. 2**bits - 1`` raise ``ValueError``.
     """
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
         raise ValueError("decode: expected an integer tensor of codes")
     idx = codes.to(torch.int64)
     if idx.numel() and bool(((idx < 0) | (idx >= fmt.num_codes)).any()):
         raise ValueError(f"decode: codes must be in 0..{fmt.num_codes - 1} for {fmt.name}")
-    return decode_table(fmt, codes.device)[idx]
+    return decode_table(fmt, codes.device, _check_scale(scale_exp))[idx]
 
 
 def quantize(
@@ -194,8 +220,11 @@ def quantize(
     generator: torch.Generator | None = None,
     *,
     key: int | None = None,
+    scale_exp: int = 0,
 ) -> torch.Tensor:
-    """Return ``x`` rounded onto ``fmt``'s grid, as float32 (same shape).
+    """Return ``x`` rounded onto ``fmt``'s grid scaled by ``2**scale_exp``, as float32.
+
+    ``scale_exp = k`` rounds ``x * 2**-k`` onto the grid and multiplies back (both exact).
 
     Equals ``decode(encode(x, ...))`` for inputs without NaN; NaN stays NaN, ``+-inf`` and
     overflow saturate to ``+-fmt.max``. ``rounding="nearest"`` is round half to even;
@@ -210,6 +239,6 @@ def quantize(
     stochastic = _check_rounding(rounding)
     k = resolve_key(generator, key, "quantize") if stochastic else 0
     xs, src = _as_source(x)
-    codes = _encode_bits(xs, src, fmt, stochastic, k)
-    out = decode_table(fmt, x.device)[codes.to(torch.int64)]
+    codes = _encode_bits(xs, src, fmt, stochastic, k, _check_scale(scale_exp))
+    out = decode_table(fmt, x.device, scale_exp)[codes.to(torch.int64)]
     return torch.where(torch.isnan(xs), xs.to(torch.float32), out)

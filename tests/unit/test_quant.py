@@ -159,3 +159,26 @@ def test_stochastic_lands_on_a_neighbour(fmt, xs, key):
     lo_idx = (hi_idx - (grid[hi_idx] > ax).long()).clamp(min=0)
     assert ((s.double().abs() == grid[lo_idx]) | (s.double().abs() == grid[hi_idx])).all()
     assert torch.equal(torch.signbit(s), torch.signbit(x)) or bool((lo == 0).any())
+
+
+@pytest.mark.parametrize("k", [-20, -3, 0, 5, 30])
+def test_scale_exp_is_exact_power_of_two_scaling(k, gen):
+    x = torch.randn(50_000, generator=gen, dtype=torch.float64).mul(3).exp() * 2.0**k
+    for fmt in (E3M2, FPFormat(2, 1), FPFormat(5, 2)):
+        ref = encode((x * 2.0**-k), fmt)  # float64 scaling is exact here
+        assert torch.equal(encode(x, fmt, scale_exp=k), ref)
+        assert torch.equal(quantize(x, fmt, scale_exp=k), decode(ref, fmt, scale_exp=k))
+        assert torch.equal(decode(ref, fmt, scale_exp=k).double(), decode(ref, fmt).double() * 2.0**k)
+    with pytest.raises(ValueError, match="scale_exp must be an int"):
+        encode(x, E3M2, scale_exp=1.5)
+
+
+def test_scale_exp_keeps_tiny_float32_values():
+    # float32 subnormals scaled up by 2**149 land exactly on the grid (1, 3, 8 and 2**-3 * 3);
+    # the kernel must read their true binade, not the subnormal exponent -126.
+    x = torch.tensor([2.0**-149, 3 * 2.0**-149, 2.0**-146, 2.0**-130], dtype=torch.float32)
+    got = quantize(x, E4M3, scale_exp=-149)
+    assert got.tolist() == [2.0**-149, 3 * 2.0**-149, 2.0**-146, 480 * 2.0**-149]
+    # And with a scale that puts them in the subnormal range of the format.
+    x = torch.tensor([2.0**-149, 2.0**-140], dtype=torch.float32)
+    assert encode(x, E4M3, scale_exp=-140).tolist() == [1, 0b0111000]  # 2**-9 is min_subnormal
