@@ -1,0 +1,731 @@
+"""Lognormal model of gradient magnitudes: fitting, goodness of fit, pruning threshold, FP split.
+
+Implements the analysis of Chmiel et al., "Neural gradients are near-lognormal" (ICLR 2021,
+``/work/shared/seeds/000_*``; SPEC sections 2-2.3) with one convention throughout:
+
+* A fit is of ``|x|`` over the nonzero finite entries, with **natural-log** parameters
+  ``mu = mean(ln|x|)`` and ``sigma = std(ln|x|)`` (population std, ``ddof=0``) -- the
+  parameterization of ``scipy.stats.lognorm(s=sigma, scale=exp(mu))``. Functions that need
+  log2 units (the seed's FP formula) convert inside: ``sigma2 = sigma / ln 2``.
+* ``sigma == 0`` (all magnitudes equal) is accepted everywhere as the point-mass limit.
+
+Contents:
+
+* :func:`fit`, :func:`subsample`, :func:`ks_statistic` -- the fit and the seed's KS comparison of
+  Normal(x) against Lognormal(|x|).
+* :func:`sparsity_for_threshold`, :func:`threshold_for_sparsity` -- the seed's closed form for the
+  expected sparsity of stochastic pruning (SPEC 2.1) and its inverse, solved in log space.
+* :func:`expected_relative_error` -- the seed's closed-form relative error of FP quantization
+  (SPEC 2.2), kept exactly as published (it overestimates the mantissa error at small mantissa
+  widths and is undefined at zero mantissa bits).
+* :func:`exact_relative_error`, :func:`scale_exponent`, :func:`optimal_exp_bits`,
+  :func:`split_table` -- the exact expected relative error of a real :class:`FPFormat`
+  (subnormals, saturation, round-half-to-even or stochastic rounding) integrated cell by cell
+  with lognormal partial moments, the power-of-two scale, and the exponent/mantissa split.
+
+Nothing here keeps state or draws from a global RNG; random subsampling takes a ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from scipy import optimize, special, stats
+
+from .formats import FPFormat, MAX_EXP_BITS, MAX_MAN_BITS
+
+__all__ = [
+    "LognormalFit",
+    "KSResult",
+    "SplitRow",
+    "ROUNDING_MODES",
+    "fit",
+    "subsample",
+    "ks_statistic",
+    "sparsity_for_threshold",
+    "threshold_for_sparsity",
+    "expected_relative_error",
+    "exact_relative_error",
+    "scale_exponent",
+    "optimal_exp_bits",
+    "split_table",
+    "candidate_formats",
+]
+
+ROUNDING_MODES = ("nearest", "stochastic")
+KS_DISTRIBUTIONS = ("normal", "lognormal")
+SPLIT_METHODS = ("exact", "closed_form")
+
+_LN2 = math.log(2.0)
+# scale_exponent searches k0 - _SCALE_WINDOW .. k0 + _SCALE_WINDOW; the optimum has been found at
+# most 3 away from k0 for every format of 2..16 bits and sigma in [0, 20] (tests check this).
+_SCALE_WINDOW = 6
+# Errors within this relative distance of the minimum count as ties in scale_exponent. The
+# partial-moment evaluation has relative noise of about 4**man_bits * 2e-14 (cancellation inside
+# narrow cells: up to ~2e-8 at 10 mantissa bits), so a tighter tolerance would let that noise
+# pick among scales that are equally good (e.g. all scales keeping the data in the normal range).
+_TIE_RTOL = 1e-6
+_MAX_CLOSED_FORM_MAN_BITS = 23
+_MIN_TOTAL_BITS, _MAX_TOTAL_BITS = 2, 16
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _real(value, name: str) -> float:
+    """Return ``value`` as a finite float or raise ``ValueError``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return out
+
+
+def _sigma(value) -> float:
+    out = _real(value, "sigma")
+    if out < 0:
+        raise ValueError(f"sigma must be >= 0 (std of ln|x|, natural log), got {value!r}")
+    return out
+
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
+    out = int(value)
+    if not lo <= out <= hi:
+        raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
+    return out
+
+
+def _rounding(value) -> str:
+    if value not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {value!r}")
+    return value
+
+
+def _format(value) -> FPFormat:
+    if not isinstance(value, FPFormat):
+        raise ValueError(f"fmt must be a gradcomp.formats.FPFormat, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting and goodness of fit
+
+
+@dataclass(frozen=True)
+class LognormalFit:
+    """Lognormal fit of ``|x|``: natural-log ``mu``, ``sigma`` (ddof=0) and the entries used."""
+
+    mu: float
+    sigma: float
+    count: int
+
+    @property
+    def sigma2(self) -> float:
+        """``sigma`` in log2 units (``sigma / ln 2``), the seed's FP-formula parameter."""
+        return self.sigma / _LN2
+
+    def scipy(self):
+        """Return the frozen ``scipy.stats.lognorm(s=sigma, scale=exp(mu))`` of this fit."""
+        return stats.lognorm(s=self.sigma, scale=math.exp(self.mu))
+
+
+class KSResult(NamedTuple):
+    """Kolmogorov-Smirnov statistic and p-value; unpacks as ``stat, p = ks_statistic(...)``."""
+
+    statistic: float
+    pvalue: float
+
+
+def _check_array_like(x, what: str) -> None:
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ValueError(f"{what}: complex tensors are not supported, got dtype {x.dtype}")
+    elif not isinstance(x, np.ndarray):
+        raise ValueError(f"{what}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    elif np.iscomplexobj(x):
+        raise ValueError(f"{what}: complex arrays are not supported, got dtype {x.dtype}")
+
+
+def fit(x) -> LognormalFit:
+    """Fit a lognormal to ``|x|``: ``mu = mean(ln|x|)``, ``sigma = std(ln|x|)``.
+
+    Numerics: natural log; zeros and non-finite entries (inf, NaN) are ignored; the logs and the
+    moments are computed in float64 (two-pass mean then population std, ``ddof=0``), on ``x``'s
+    device for tensors. A single usable entry gives ``sigma == 0``. Any float dtype works
+    (float16/bfloat16 are widened exactly; numpy arrays of ml_dtypes types too).
+
+    Args:
+        x: torch tensor (any device) or numpy array, any shape.
+
+    Raises:
+        ValueError: if ``x`` has no nonzero finite entry, or is complex / not array-like.
+
+    Example:
+        >>> f = fit(torch.tensor([0.0, -1.0, float("inf"), 2.0 ** 2]))
+        >>> round(f.mu, 6), round(f.sigma, 6), f.count
+        (0.693147, 0.693147, 2)
+    """
+    _check_array_like(x, "fit")
+    if isinstance(x, torch.Tensor):
+        a = x.detach().reshape(-1)
+        if a.is_floating_point() and a.dtype != torch.float64:
+            # Widening to float64 is exact; the masked copy is the only full-size temporary.
+            a = a.abs()
+            a = a[torch.isfinite(a) & (a > 0)].to(torch.float64)
+        else:
+            a = a.to(torch.float64).abs()
+            a = a[torch.isfinite(a) & (a > 0)]
+        count = int(a.numel())
+        if count == 0:
+            raise ValueError("fit: x has no nonzero finite entries (zeros, inf and NaN are ignored)")
+        logs = a.log_()
+        mean = logs.mean()
+        sigma = float(torch.sqrt(torch.mean((logs - mean) ** 2)))
+        mu = float(mean)
+    else:
+        a = np.abs(np.asarray(x).reshape(-1).astype(np.float64, copy=False))
+        a = a[np.isfinite(a) & (a > 0)]
+        count = int(a.size)
+        if count == 0:
+            raise ValueError("fit: x has no nonzero finite entries (zeros, inf and NaN are ignored)")
+        logs = np.log(a)
+        mu = float(np.mean(logs))
+        sigma = float(np.sqrt(np.mean((logs - mu) ** 2)))
+    return LognormalFit(mu=mu, sigma=sigma, count=count)
+
+
+def subsample(x, max_samples: int, seed: int = 0) -> np.ndarray:
+    """Return a reproducible subsample of ``x`` (without replacement) as 1-D float64 numpy.
+
+    If ``x`` has at most ``max_samples`` entries, all of them are returned (flattened, in order).
+    Otherwise ``max_samples`` distinct positions are drawn by ``numpy.random.default_rng(seed)``
+    (a local generator; the global RNG is never touched) and returned in index order. Entries
+    are not filtered: zeros and non-finite values stay. Tensors are gathered on their device and
+    only the subsample is copied to the host.
+
+    Example:
+        >>> s = subsample(torch.arange(1000.0), 10, seed=1)
+        >>> s.shape, bool((s == subsample(torch.arange(1000.0), 10, seed=1)).all())
+        ((10,), True)
+    """
+    _check_array_like(x, "subsample")
+    max_samples = _int(max_samples, "max_samples", 1, 2**62)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    n = int(x.numel()) if isinstance(x, torch.Tensor) else int(np.size(x))
+    idx = None
+    if n > max_samples:
+        idx = np.sort(np.random.default_rng(int(seed)).choice(n, size=max_samples, replace=False))
+    if isinstance(x, torch.Tensor):
+        flat = x.detach().reshape(-1)
+        if idx is not None:
+            flat = flat[torch.from_numpy(idx).to(flat.device)]
+        return flat.to(torch.float64).cpu().numpy()
+    flat = np.asarray(x).reshape(-1)
+    if idx is not None:
+        flat = flat[idx]
+    return flat.astype(np.float64)
+
+
+def ks_statistic(x, dist: str, max_samples: int = 100_000, seed: int = 0) -> KSResult:
+    """Return the Kolmogorov-Smirnov fit of ``x`` to a Normal or of ``|x|`` to a Lognormal.
+
+    As in the seed's KS table: ``dist="normal"`` fits ``Normal(mean, std)`` (``ddof=0``) to the
+    finite entries of ``x`` and tests them; ``dist="lognormal"`` fits :func:`fit`'s lognormal to
+    the nonzero finite ``|x|`` and tests them against ``scipy.stats.lognorm(s=sigma,
+    scale=exp(mu))`` -- computed as the identical test of ``ln|x|`` against ``Normal(mu, sigma)``
+    (the KS statistic is invariant under the monotone log, and the log is better conditioned).
+    Both work on :func:`subsample` ``(x, max_samples, seed)`` (filtered after subsampling) and
+    use ``scipy.stats.kstest``. The parameters are estimated from the same data, so the p-value
+    is conservative (Lilliefors); it is reported as the seed does.
+
+    Raises:
+        ValueError: unknown ``dist``; fewer than two usable entries or zero spread.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(10_000, generator=g).exp()
+        >>> ks_statistic(x, "lognormal").statistic < ks_statistic(x, "normal").statistic
+        True
+    """
+    if dist not in KS_DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {KS_DISTRIBUTIONS}, got {dist!r}")
+    sample = subsample(x, max_samples, seed)
+    if dist == "normal":
+        values = sample[np.isfinite(sample)]
+    else:
+        a = np.abs(sample)
+        values = np.log(a[np.isfinite(a) & (a > 0)])
+    if values.size < 2:
+        raise ValueError(f"ks_statistic: need at least 2 usable entries for dist={dist!r}, got {values.size}")
+    loc = float(np.mean(values))
+    scale = float(np.sqrt(np.mean((values - loc) ** 2)))
+    if not scale > 0:
+        raise ValueError(f"ks_statistic: the usable entries for dist={dist!r} have zero spread")
+    res = stats.kstest(values, "norm", args=(loc, scale))
+    return KSResult(float(res.statistic), float(res.pvalue))
+
+
+# ---------------------------------------------------------------------------------------------
+# stochastic pruning (SPEC 2.1)
+
+
+def _sparsity_z(z, sigma: float):
+    """Expected sparsity as a function of ``z = ln(alpha) - mu`` (array), for ``sigma >= 0``."""
+    z = np.asarray(z, dtype=np.float64)
+    if sigma == 0.0:
+        # Point mass at e^mu: pruned with probability 1 - e^mu/alpha when alpha > e^mu.
+        return np.where(z > 0, -np.expm1(-np.maximum(z, 0.0)), 0.0)
+    u = z / sigma
+    with np.errstate(over="ignore", invalid="ignore"):
+        # E[|x|; |x|<alpha]/alpha = exp(mu + sigma^2/2 - ln alpha) Phi(z/sigma - sigma); keeping
+        # the exponent and log Phi together never overflows (their sum is <= -z^2/(2 sigma^2)).
+        tail = np.exp(sigma * sigma / 2 - z + special.log_ndtr(u - sigma))
+        s = special.ndtr(u) - tail
+    s = np.where(np.isneginf(z), 0.0, np.where(np.isposinf(z), 1.0, s))
+    # Cancellation can leave a few ulps below 0 or above 1.
+    return np.clip(s, 0.0, 1.0)
+
+
+def sparsity_for_threshold(alpha, mu: float, sigma: float):
+    """Return the expected sparsity of stochastic pruning at threshold ``alpha``.
+
+    The seed's closed form for ``|x| ~ Lognormal(mu, sigma)`` (natural log), SPEC 2.1::
+
+        S(alpha) = P(|x| < alpha) - E[|x|; |x| < alpha] / alpha
+                 = 1/2 + e^mu/(2 alpha) [e^(sigma^2/2) erf(sigma/sqrt2 - z/(sqrt2 sigma))
+                                         + (alpha/e^mu) erf(z/(sqrt2 sigma)) - e^(sigma^2/2)]
+
+    evaluated in the equivalent stable form, with ``z = ln(alpha) - mu``::
+
+        S = Phi(z/sigma) - exp(sigma^2/2 - z + log Phi(z/sigma - sigma))
+
+    (``scipy.special.ndtr`` / ``log_ndtr``), which neither overflows for large ``sigma`` nor
+    loses the small differences at extreme ``alpha``; absolute accuracy about 1e-15.
+    ``sigma == 0`` is the point mass at ``e^mu``: ``S = max(0, 1 - e^mu/alpha)``.
+
+    Args:
+        alpha: threshold(s) >= 0, scalar or numpy array (``0 -> 0``, ``inf -> 1``).
+        mu, sigma: natural-log lognormal parameters of ``|x|``; ``sigma >= 0``.
+
+    Returns:
+        float for scalar ``alpha``, else a float64 array of ``alpha``'s shape.
+
+    Example:
+        >>> round(sparsity_for_threshold(threshold_for_sparsity(0.85, -7.0, 2.0), -7.0, 2.0), 12)
+        0.85
+    """
+    mu = _real(mu, "mu")
+    sigma = _sigma(sigma)
+    a = np.asarray(alpha, dtype=np.float64)
+    if np.isnan(a).any() or (a < 0).any():
+        raise ValueError("alpha must be >= 0 (a threshold on |x|; inf allowed), got NaN or a negative value")
+    with np.errstate(divide="ignore"):
+        z = np.log(a) - mu
+    s = _sparsity_z(z, sigma)
+    return float(s) if s.ndim == 0 else s
+
+
+def threshold_for_sparsity(sparsity: float, mu: float, sigma: float) -> float:
+    """Return the pruning threshold ``alpha`` whose expected sparsity is ``sparsity``.
+
+    Inverts :func:`sparsity_for_threshold` (strictly increasing in ``alpha``) in log space:
+    ``z = ln(alpha) - mu`` is bracketed by ``sigma * min(-40, Phi^-1(sparsity) - 1)`` (where
+    ``S <= Phi(z/sigma)`` is below the target) and ``max(40 sigma, sigma^2/2 + ln(1/(1-sparsity))
+    + 1)`` (where ``1 - S <= Phi(-z/sigma) + e^(sigma^2/2 - z)`` is below ``1 - sparsity``), then
+    solved by ``scipy.optimize.brentq`` to ``|dz| <= 1e-14 + 1e-15 |z|``; ``dS/dz <= 1``, so the
+    sparsity of the result is exact to about 1e-13. Works for any ``sigma`` without overflow
+    (the search never forms ``alpha`` itself). ``sigma == 0`` gives ``e^mu / (1 - sparsity)``.
+
+    Args:
+        sparsity: target expected fraction of zeros, ``0 < sparsity < 1``.
+        mu, sigma: natural-log lognormal parameters of ``|x|``; ``sigma >= 0``.
+
+    Raises:
+        ValueError: sparsity outside (0, 1), invalid ``mu``/``sigma``, or ``alpha`` beyond float64.
+
+    Example:
+        >>> alpha = threshold_for_sparsity(0.5, 0.0, 1.0)
+        >>> round(alpha, 6), round(sparsity_for_threshold(alpha, 0.0, 1.0), 12)
+        (1.40194, 0.5)
+    """
+    s = _real(sparsity, "sparsity")
+    if not 0.0 < s < 1.0:
+        raise ValueError(f"sparsity must be in the open interval (0, 1), got {sparsity!r}")
+    mu = _real(mu, "mu")
+    sigma = _sigma(sigma)
+    if sigma == 0.0:
+        z = -math.log1p(-s)
+    else:
+        lo = sigma * min(-40.0, float(special.ndtri(s)) - 1.0)
+        hi = max(40.0 * sigma, sigma * sigma / 2 - math.log1p(-s) + 1.0)
+
+        def residual(zz: float) -> float:
+            return float(_sparsity_z(zz, sigma)) - s
+
+        z = optimize.brentq(residual, lo, hi, xtol=1e-14, rtol=4 * np.finfo(float).eps, maxiter=500)
+    log_alpha = mu + z
+    if log_alpha > math.log(np.finfo(np.float64).max):
+        raise ValueError(f"threshold_for_sparsity: alpha = exp({log_alpha:.6g}) exceeds float64's range")
+    return math.exp(log_alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP quantization: the seed's closed form (SPEC 2.2)
+
+
+def expected_relative_error(man_bits: int, exp_bits: int, sigma: float) -> float:
+    """Return the seed's closed-form expected relative error ``E[|x_q - x| / |x|]``.
+
+    Exactly the formula of SPEC 2.2 / the seed, for ``log2|x| ~ Normal(0, sigma2^2)`` with
+    ``sigma2 = sigma / ln 2`` (``sigma`` is the natural-log std, converted here),
+    ``Emax = 2**(exp_bits - 1)``, ``n1 = man_bits``::
+
+        (2 Phi(Emax/sigma2) - 1) / (8 ln2 (2^n1 - 1))
+        + 2^(Emax-1) e^(sigma2^2 ln^2 2 / 2) (erf(sigma2 ln2/sqrt2 + Emax/(sqrt2 sigma2)) - 1)
+        - 1/2 erf(Emax/(sqrt2 sigma2)) + 3/2 - Phi(Emax/sigma2)
+
+    Numerics: the overflow term is evaluated as the identical
+    ``-erfcx(w) exp((Emax-1) ln2 + sigma2^2 ln^2 2 / 2 - w^2)``, ``w`` the erf argument, which
+    neither overflows nor cancels (finite for exp_bits up to 8 and any sigma). This is the
+    seed's model quantizer (exponents clipped to [-Emax, Emax], no subnormals), not a real
+    format: it overestimates the mantissa error when ``man_bits`` is small (SPEC 2.2); use
+    :func:`exact_relative_error` to choose formats. ``man_bits == 0`` divides by
+    ``2**0 - 1 = 0``: the closed form is undefined there and this returns ``math.inf``.
+    ``sigma == 0`` returns the limit ``1 / (8 ln2 (2^n1 - 1))``.
+
+    Args:
+        man_bits: mantissa bits ``n1``, 0..23.
+        exp_bits: exponent bits ``n2``, 1..8.
+        sigma: natural-log std of ``|x|``, ``>= 0``.
+
+    Example:
+        >>> round(expected_relative_error(2, 3, 1.0), 6)
+        0.060109
+    """
+    man_bits = _int(man_bits, "man_bits", 0, _MAX_CLOSED_FORM_MAN_BITS)
+    exp_bits = _int(exp_bits, "exp_bits", 1, MAX_EXP_BITS)
+    sigma = _sigma(sigma)
+    if man_bits == 0:
+        return math.inf
+    mantissa_scale = 1.0 / (8.0 * _LN2 * (2.0**man_bits - 1.0))
+    if sigma == 0.0:
+        return mantissa_scale
+    s2 = sigma / _LN2
+    e_max = 2.0 ** (exp_bits - 1)
+    r = e_max / s2
+    phi_r = float(special.ndtr(r))
+    mantissa = (2.0 * phi_r - 1.0) * mantissa_scale
+    w = s2 * _LN2 / math.sqrt(2.0) + r / math.sqrt(2.0)
+    overflow = -float(special.erfcx(w)) * math.exp(
+        (e_max - 1.0) * _LN2 + (s2 * _LN2) ** 2 / 2.0 - w * w
+    )
+    rest = -0.5 * math.erf(r / math.sqrt(2.0)) + 1.5 - phi_r
+    return mantissa + overflow + rest
+
+
+# ---------------------------------------------------------------------------------------------
+# FP quantization: exact expected error of a real format
+
+
+def _grid(fmt: FPFormat) -> np.ndarray:
+    """Ascending non-negative values of ``fmt`` (equals ``fmt.code_values()``), vectorized."""
+    m = fmt.man_bits
+    codes = np.arange(fmt.max_code + 1, dtype=np.int64)
+    efield = codes >> m
+    significand = (codes & ((1 << m) - 1)) + np.where(efield > 0, 1 << m, 0)
+    return np.ldexp(significand.astype(np.float64), (np.maximum(efield, 1) - fmt.bias - m).astype(np.int32))
+
+
+def _phi_diff(t: np.ndarray) -> np.ndarray:
+    """``Phi(t[..., j+1]) - Phi(t[..., j])`` along the last axis, without cancellation.
+
+    Where both arguments are positive the upper tails are subtracted instead
+    (``Phi(-t_j) - Phi(-t_{j+1})``), so far-right cells keep full relative precision.
+    """
+    lo, hi = t[..., :-1], t[..., 1:]
+    upper = lo > 0
+    return np.where(upper, special.ndtr(-lo) - special.ndtr(-hi), special.ndtr(hi) - special.ndtr(lo))
+
+
+def _log_phi_diff(log_b: np.ndarray, m: np.ndarray, s: float, k: int) -> np.ndarray:
+    """Log of ``Phi((ln b - m - k s^2)/s)`` differences between consecutive boundaries.
+
+    ``log_b``: (nb,) log boundaries (``-inf``/``inf`` allowed); ``m``: (K, 1); result (K, nb-1).
+    The k-th partial moment of a cell is ``exp(k m + k^2 s^2/2) * exp(result)``.
+    """
+    with np.errstate(invalid="ignore"):
+        t = (log_b[None, :] - (m + k * s * s)) / s
+    d = np.maximum(_phi_diff(t), 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(d)
+
+
+def _exact_errors(grid: np.ndarray, m: np.ndarray, s: float, rounding: str) -> np.ndarray:
+    """Expected relative error for ``y ~ Lognormal(m_i, s)`` (``s > 0``) on ``grid``, per ``m_i``.
+
+    Every term is ``coefficient * partial moment`` assembled as ``exp(log coeff + log moment)``:
+    coefficients like ``q e^(-m)`` can overflow where the moment underflows, and their product is
+    what matters (it is at most about the cell's probability).
+    """
+    m = np.asarray(m, dtype=np.float64).reshape(-1, 1)
+    half_s2 = s * s / 2.0
+    g = grid[1:]  # positive grid points
+    with np.errstate(divide="ignore"):
+        log_g = np.log(g)
+    if rounding == "nearest":
+        # Cells: [0, g1/2) -> 0; around each g_i the lower half [mid_{i-1}, g_i) and the upper
+        # half [g_i, mid_i), the top one extended to infinity (saturation to max has the same
+        # error expression, 1 - max/y). On a half, |q - y|/y = sgn (q/y - 1).
+        mids = np.empty_like(g)
+        mids[0] = g[0] / 2.0
+        mids[1:] = (g[:-1] + g[1:]) / 2.0
+        bounds = np.empty(2 * g.size + 2)
+        bounds[0] = 0.0
+        bounds[1:-1:2] = mids
+        bounds[2:-1:2] = g
+        bounds[-1] = np.inf
+        with np.errstate(divide="ignore"):
+            log_b = np.log(bounds)
+        owner = np.concatenate(([-np.inf], np.repeat(log_g, 2)))  # ln q per cell
+        sgn = np.concatenate(([-1.0], np.tile([1.0, -1.0], g.size)))
+        d0 = np.exp(_log_phi_diff(log_b, m, s, 0))
+        lm1 = _log_phi_diff(log_b, m, s, -1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            q_over_y = np.exp(owner[None, :] - m + half_s2 + lm1)
+        q_over_y = np.nan_to_num(q_over_y, nan=0.0)
+        return np.sum(sgn * (q_over_y - d0), axis=-1)
+    # Stochastic: between neighbours lo < hi, E|Q(y) - y| = 2 (y - lo)(hi - y)/(hi - lo), so a
+    # cell contributes (2/(hi-lo)) (-M1 + (lo+hi) M0 - lo hi M-1); above max it saturates.
+    lo, hi = grid[:-1], grid[1:]
+    width = hi - lo
+    bounds = np.concatenate((grid, [np.inf]))
+    with np.errstate(divide="ignore"):
+        log_b = np.log(bounds)
+        log_lo = np.log(lo)
+    log_hi, log_w = np.log(hi), np.log(width)
+    d0 = np.exp(_log_phi_diff(log_b, m, s, 0))
+    l1 = _log_phi_diff(log_b, m, s, 1)[:, :-1]
+    lm1 = _log_phi_diff(log_b, m, s, -1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        t1 = np.exp(_LN2 + m + half_s2 - log_w + l1)
+        t0 = 2.0 * (lo + hi) / width * d0[:, :-1]
+        tm1 = np.exp(_LN2 + log_lo + log_hi - m + half_s2 - log_w + lm1[:, :-1])
+        sat = d0[:, -1] - np.exp(log_g[-1] - m[:, 0] + half_s2 + lm1[:, -1])
+    cells = np.nan_to_num(t0 - t1 - tm1, nan=0.0)
+    return np.sum(cells, axis=-1) + np.nan_to_num(sat, nan=0.0)
+
+
+def _pointwise_errors(grid: np.ndarray, y: np.ndarray, rounding: str) -> np.ndarray:
+    """Relative error ``E|Q(y) - y| / y`` at points ``y > 0`` (the ``sigma == 0`` case)."""
+    y = np.asarray(y, dtype=np.float64)
+    top = grid[-1]
+    i = np.clip(np.searchsorted(grid, y, side="right") - 1, 0, grid.size - 2)
+    lo, hi = grid[i], grid[i + 1]
+    if rounding == "nearest":
+        # Ties are equally far from both neighbours, so the tie rule does not change the error.
+        err = np.minimum(y - lo, hi - y) / y
+    else:
+        err = 2.0 * (y - lo) * (hi - y) / ((hi - lo) * y)
+    return np.where(y >= top, 1.0 - top / y, err)
+
+
+def _errors_for_scales(grid: np.ndarray, mu: float, sigma: float, ks: np.ndarray, rounding: str) -> np.ndarray:
+    m = mu - ks.astype(np.float64) * _LN2
+    if sigma == 0.0:
+        return _pointwise_errors(grid, np.exp(m), rounding)
+    return _exact_errors(grid, m, sigma, rounding)
+
+
+def _centre_scale(mu: float, fmt: FPFormat) -> int:
+    centre = (fmt.min_subnormal_exponent + fmt.max_exponent + 1) / 2.0
+    return math.floor(mu / _LN2 - centre + 0.5)
+
+
+def _best_scale(grid: np.ndarray, fmt: FPFormat, mu: float, sigma: float, rounding: str) -> tuple[int, float]:
+    k0 = _centre_scale(mu, fmt)
+    # Candidates ordered by distance from k0 (k0, k0-1, k0+1, ...): the first minimizer wins.
+    offsets = np.arange(1, _SCALE_WINDOW + 1)
+    ks = np.concatenate(([k0], np.stack((k0 - offsets, k0 + offsets), axis=1).reshape(-1)))
+    errs = _errors_for_scales(grid, mu, sigma, ks, rounding)
+    best = float(np.min(errs))
+    i = int(np.argmax(errs <= best * (1.0 + _TIE_RTOL)))
+    return int(ks[i]), float(errs[i])
+
+
+def exact_relative_error(fmt: FPFormat, sigma: float, mu: float = 0.0, rounding: str = "nearest",
+                         scale_exp: int | None = None) -> float:
+    """Return the exact ``E[|Q(x) - x| / |x|]`` of format ``fmt`` for lognormal ``|x|``.
+
+    Model: ``|x| ~ Lognormal(mu, sigma)`` (natural log) is multiplied by ``2**-scale_exp`` and
+    rounded onto ``fmt``'s grid as gradcomp's quantizer does: subnormals, saturation to
+    ``+-max`` (error ``1 - max/y`` above it), ``"nearest"`` (round half to even; ties have
+    measure zero, values below half the smallest subnormal become 0, error 1) or
+    ``"stochastic"`` (unbiased: between neighbours ``lo < hi``, ``E|Q(y) - y| =
+    2 (y - lo)(hi - y)/(hi - lo)``, with ``lo = 0`` below the smallest subnormal). The relative
+    error does not depend on the sign, so only ``|x|`` matters.
+
+    Numerics: no sampling. Each quantization cell is integrated in closed form with the
+    lognormal partial moments ``int_a^b y^k f(y) dy = exp(k m + k^2 s^2/2) [Phi((ln b - m - k
+    s^2)/s) - Phi((ln a - m - k s^2)/s)]``, ``k = -1, 0, 1``, vectorized over all cells (up to
+    2**15), with tail-safe Phi differences and log-space coefficients. Relative accuracy is about
+    ``4**man_bits * 2e-14`` (cancellation between the three moments of a narrow cell): ~1e-10
+    for 6-bit formats, ~2e-8 at 10 mantissa bits.
+    About 100 us for a 6-bit format. ``sigma == 0`` evaluates the point mass ``|x| = e^mu``.
+
+    Args:
+        fmt: the format.
+        sigma: natural-log std of ``|x|``, ``>= 0``.
+        mu: natural-log mean of ``|x|``.
+        rounding: ``"nearest"`` or ``"stochastic"``.
+        scale_exp: ``k`` in ``x * 2**-k``; ``None`` uses :func:`scale_exponent` (the best scale).
+
+    Example:
+        >>> fmt = FPFormat(3, 2)
+        >>> 0.04 < exact_relative_error(fmt, sigma=1.0) < exact_relative_error(fmt, 1.0, rounding="stochastic")
+        True
+    """
+    fmt = _format(fmt)
+    sigma = _sigma(sigma)
+    mu = _real(mu, "mu")
+    rounding = _rounding(rounding)
+    grid = _grid(fmt)
+    if scale_exp is None:
+        return _best_scale(grid, fmt, mu, sigma, rounding)[1]
+    k = _int(scale_exp, "scale_exp", -(2**20), 2**20)
+    return float(_errors_for_scales(grid, mu, sigma, np.array([k]), rounding)[0])
+
+
+def scale_exponent(mu: float, sigma: float, fmt: FPFormat, rounding: str = "nearest") -> int:
+    """Return the power-of-two scale ``k``: the data are multiplied by ``2**-k`` before encoding.
+
+    Documented offset (SPEC 2.2): start from ``k0 = floor(mu/ln2 - c + 1/2)`` (``mu/ln2`` rounded
+    to the nearest integer, halves up, after subtracting ``c``), where ``c = (min_subnormal_exponent
+    + max_exponent + 1) / 2`` is the centre, in log2, of the format's representable range
+    ``[min_subnormal, 2**(max_exponent+1))``; this puts the fitted median ``e^mu`` at that
+    centre. Then return the ``k`` in ``k0 - 6 .. k0 + 6`` minimizing
+    :func:`exact_relative_error` (the optimum sits at most 3 from ``k0`` for formats of 2..16
+    bits and ``sigma <= 20``). Ties (errors within a relative 1e-6, above the evaluation noise; e.g. every ``k`` that keeps a
+    point mass in the normal range) go to the ``k`` closest to ``k0``, then to the smaller ``k``:
+    deterministic and exactly reproducible.
+
+    Example:
+        >>> scale_exponent(mu=-7.0 * math.log(2), sigma=0.0, fmt=FPFormat(3, 2))
+        -7
+    """
+    mu = _real(mu, "mu")
+    sigma = _sigma(sigma)
+    fmt = _format(fmt)
+    rounding = _rounding(rounding)
+    return _best_scale(_grid(fmt), fmt, mu, sigma, rounding)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# exponent/mantissa split
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """One candidate split of a bit budget: format, its best scale and both error estimates."""
+
+    exp_bits: int
+    man_bits: int
+    fmt: FPFormat
+    scale_exp: int
+    exact_error: float
+    closed_form_error: float
+
+
+def candidate_formats(total_bits: int) -> list[FPFormat]:
+    """Return the formats that split ``total_bits`` (sign included) into exponent and mantissa.
+
+    ``exp_bits`` runs over ``1..min(8, total_bits - 1)`` with ``man_bits = total_bits - 1 -
+    exp_bits <= 10`` (FPFormat's limits). The bias is the default ``2**(exp_bits-1) - 1`` except
+    for 8 exponent bits, where it is 128 so that the top binade fits float32 (the bias only
+    shifts the grid by a power of two, which the scale absorbs, so errors are unaffected).
+
+    Example:
+        >>> [f.name for f in candidate_formats(4)]
+        ['float4_e1m2fn', 'float4_e2m1fn', 'float4_e3m0fn']
+    """
+    total_bits = _int(total_bits, "total_bits", _MIN_TOTAL_BITS, _MAX_TOTAL_BITS)
+    out = []
+    for e in range(1, min(MAX_EXP_BITS, total_bits - 1) + 1):
+        m = total_bits - 1 - e
+        if m > MAX_MAN_BITS:
+            continue
+        bias = max(2 ** (e - 1) - 1, 2**e - 1 - 127)
+        out.append(FPFormat(e, m, bias))
+    return out
+
+
+def _method(value) -> str:
+    if value not in SPLIT_METHODS:
+        raise ValueError(f"method must be one of {SPLIT_METHODS}, got {value!r}")
+    return value
+
+
+def split_table(total_bits: int, sigma: float, rounding: str = "nearest", mu: float = 0.0) -> list[SplitRow]:
+    """Return, per exponent width, both error estimates for a ``total_bits`` budget.
+
+    Rows follow :func:`candidate_formats`; ``exact_error`` is :func:`exact_relative_error` at the
+    best scale (``scale_exp``) for ``rounding``; ``closed_form_error`` is
+    :func:`expected_relative_error` (``inf`` for ``man_bits == 0``). ``sigma`` natural log.
+
+    Example:
+        >>> [(r.exp_bits, round(r.exact_error, 3)) for r in split_table(4, 1.0)]
+        [(1, 0.206), (2, 0.098), (3, 0.135)]
+    """
+    sigma = _sigma(sigma)
+    mu = _real(mu, "mu")
+    rounding = _rounding(rounding)
+    rows = []
+    for fmt in candidate_formats(total_bits):
+        k, err = _best_scale(_grid(fmt), fmt, mu, sigma, rounding)
+        closed = expected_relative_error(fmt.man_bits, fmt.exp_bits, sigma)
+        rows.append(SplitRow(fmt.exp_bits, fmt.man_bits, fmt, k, err, closed))
+    return rows
+
+
+def optimal_exp_bits(total_bits: int, sigma: float, method: str = "exact", rounding: str = "nearest",
+                     mu: float = 0.0) -> int:
+    """Return the exponent width ``E*`` minimizing the expected relative error for ``total_bits``.
+
+    ``total_bits`` (2..16) includes the sign; ``man_bits = total_bits - 1 - exp_bits``; the
+    candidates are :func:`candidate_formats`. ``method="exact"`` minimizes
+    :func:`exact_relative_error` of the real format at its best scale (for ``rounding`` and
+    ``mu``; the recommended criterion). ``method="closed_form"`` minimizes the seed's
+    :func:`expected_relative_error` (``rounding``/``mu`` unused; ``man_bits == 0`` candidates are
+    ``inf`` there). Ties go to the smaller ``exp_bits``. ``sigma`` is the natural-log std.
+
+    Raises:
+        ValueError: invalid arguments, or no finite closed-form candidate (``total_bits == 2``).
+
+    Example:
+        >>> optimal_exp_bits(6, sigma=2.0 * math.log(2)), optimal_exp_bits(6, 0.1)
+        (3, 1)
+    """
+    total_bits = _int(total_bits, "total_bits", _MIN_TOTAL_BITS, _MAX_TOTAL_BITS)
+    sigma = _sigma(sigma)
+    method = _method(method)
+    rounding = _rounding(rounding)
+    mu = _real(mu, "mu")
+    formats = candidate_formats(total_bits)
+    if method == "closed_form":
+        errs = [expected_relative_error(f.man_bits, f.exp_bits, sigma) for f in formats]
+        if not any(math.isfinite(e) for e in errs):
+            raise ValueError(
+                f"closed_form has no finite candidate for total_bits={total_bits} (every split has "
+                "man_bits == 0, where the seed's formula is undefined); use method='exact'"
+            )
+    else:
+        errs = [_best_scale(_grid(f), f, mu, sigma, rounding)[1] for f in formats]
+    return formats[int(np.argmin(errs))].exp_bits
