@@ -1,0 +1,45 @@
+"""Codecs: stateless compressors of gradient shards into self-describing byte payloads.
+
+Every payload starts with the header of :mod:`gradcomp.codecs.base`, so
+:func:`decode_payload` decodes any of them. Each codec declares its exact wire size
+(``wire_bytes``) or, for data-dependent sizes, reports it through the payload's length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import HEADER_BYTES, Codec, CodecTag, Header, nan_fill_if, prepare_out, read_header
+from .dense import (FPCodec, FPPlan, HalfCodec, IdentityCodec, _decode_fp, _decode_half,
+                    _decode_identity)
+from .sparse import PruneCodec, PruneFPCodec, PrunePlan, TopKCodec, _decode_prune, _decode_topk
+
+_DECODERS = {
+    CodecTag.IDENTITY: _decode_identity,
+    CodecTag.HALF: _decode_half,
+    CodecTag.FP: _decode_fp,
+    CodecTag.PRUNE: _decode_prune,
+    CodecTag.PRUNE_FP: _decode_prune,
+    CodecTag.TOPK: _decode_topk,
+}
+
+
+def decode_payload(payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode any codec's payload of ``numel`` elements into float32 (into ``out`` if given).
+
+    A payload whose header carries the non-finite flag decodes to all-NaN, so a non-finite
+    value on any rank makes the reduced result non-finite on every rank.
+    """
+    header = read_header(payload)
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    result = prepare_out(numel, out, payload.device)
+    _DECODERS[header.tag](payload, header, numel, result)
+    return nan_fill_if(header.nonfinite, result)
+
+
+__all__ = [
+    "Codec", "CodecTag", "FPCodec", "FPPlan", "HEADER_BYTES", "HalfCodec", "Header",
+    "IdentityCodec", "decode_payload", "read_header",
+    "PruneCodec", "PruneFPCodec", "PrunePlan", "TopKCodec",
+]

@@ -1,0 +1,189 @@
+"""The codec contract and the payload header every codec writes.
+
+A codec turns a 1-D float32 shard into a self-describing uint8 payload and back. Codecs are
+stateless: everything a decoder needs travels in the payload, so any rank decodes any payload
+with :func:`gradcomp.codecs.decode_payload` without knowing who encoded it or with which
+options. What a codec may reuse between steps (a lognormal fit and the format, scale and
+threshold derived from it) is a *plan*, computed by :meth:`Codec.plan` and cached by the caller
+(the hook state); ``encode(x)`` without a plan fits ``x`` itself.
+
+Header (``HEADER_BYTES = 8``, little-endian), first in every payload::
+
+    byte 0      codec tag (CodecTag)
+    byte 1      flags: bit 0 = the input held inf or NaN (decoders then return all-NaN)
+    byte 2      exponent bits of the value format (0 if none)
+    byte 3      mantissa bits of the value format
+    bytes 4-5   int16 power-of-two scale exponent k (values were multiplied by 2**-k)
+    byte 6      int8 bias offset: bias - default bias of the value format
+    byte 7      reserved, 0
+
+Codec-specific fields follow the header.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .. import lognormal
+from ..formats import FPFormat
+from ..quant import has_nonfinite
+
+HEADER_BYTES = 8
+FLAG_NONFINITE = 1
+
+
+class CodecTag(enum.IntEnum):
+    IDENTITY = 1
+    HALF = 2
+    FP = 3
+    PRUNE = 4
+    PRUNE_FP = 5
+    TOPK = 6
+
+
+@dataclass(frozen=True)
+class Header:
+    """Decoded payload header."""
+
+    tag: CodecTag
+    nonfinite: bool
+    fmt: FPFormat | None
+    scale_exp: int
+
+
+def make_header(
+    tag: CodecTag,
+    x: torch.Tensor,
+    fmt: FPFormat | None = None,
+    scale_exp: int = 0,
+) -> torch.Tensor:
+    """Return the 8-byte header for a payload of ``x`` on ``x``'s device (no host sync).
+
+    The non-finite flag is computed on the device from ``x`` and written as a tensor.
+    """
+    e = fmt.exp_bits if fmt is not None else 0
+    m = fmt.man_bits if fmt is not None else 0
+    bias_off = fmt.bias - fmt.default_bias if fmt is not None else 0
+    if not -128 <= bias_off <= 127 or not -(2**15) <= scale_exp < 2**15:
+        raise ValueError(f"header cannot carry bias offset {bias_off} / scale exponent {scale_exp}")
+    k = scale_exp & 0xFFFF
+    static = torch.tensor([int(tag), 0, e, m, k & 0xFF, k >> 8, bias_off & 0xFF, 0],
+                          dtype=torch.uint8, device=x.device)
+    flag = has_nonfinite(x).to(torch.uint8) * FLAG_NONFINITE
+    return torch.cat([static[:1], flag.view(1), static[2:]])
+
+
+def read_header(payload: torch.Tensor) -> Header:
+    """Parse the header of ``payload`` (one small device-to-host copy on GPUs)."""
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise ValueError("payload must be a 1-D uint8 tensor")
+    if payload.numel() < HEADER_BYTES:
+        raise ValueError(f"payload of {payload.numel()} bytes is shorter than the {HEADER_BYTES}-byte header")
+    b = payload[:HEADER_BYTES].tolist()
+    try:
+        tag = CodecTag(b[0])
+    except ValueError:
+        raise ValueError(f"unknown codec tag {b[0]} in payload header") from None
+    k = b[4] | (b[5] << 8)
+    k = k - (1 << 16) if k >= 1 << 15 else k
+    fmt = None
+    if b[2]:
+        bias_off = b[6] - 256 if b[6] >= 128 else b[6]
+        fmt = FPFormat(b[2], b[3], 2 ** (b[2] - 1) - 1 + bias_off)
+    return Header(tag, bool(b[1] & FLAG_NONFINITE), fmt, k)
+
+
+@dataclass(frozen=True)
+class ShardFit(lognormal.LognormalFit):
+    """A lognormal fit of a shard plus its largest finite magnitude (for no-saturation scales)."""
+
+    max_abs: float = math.inf
+
+
+def fit_or_none(x: torch.Tensor) -> ShardFit | None:
+    """Lognormal fit of ``x`` with its largest finite ``|x|``; ``None`` when no entry is nonzero and finite."""
+    try:
+        f = lognormal.fit(x)
+    except ValueError:
+        return None
+    a = x.detach().abs()
+    amax = float(torch.where(torch.isfinite(a), a, torch.zeros_like(a)).max())
+    return ShardFit(f.mu, f.sigma, f.count, amax)
+
+
+def check_shard(x: torch.Tensor, what: str) -> torch.Tensor:
+    """Validate an encoder input: a floating-point tensor; returned flat, float32, contiguous."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{what}: expected a floating-point tensor")
+    return x.reshape(-1).to(torch.float32).contiguous()
+
+
+class Codec(abc.ABC):
+    """A stateless compressor of 1-D float32 shards into self-describing uint8 payloads.
+
+    Subclasses set ``tag``; ``summable`` codecs (dense float payloads) may be all-reduced
+    directly instead of going through the two-phase exchange; ``stochastic`` codecs use the
+    ``key`` given to :meth:`encode` (see :mod:`gradcomp.rng`) and are unbiased.
+    """
+
+    tag: ClassVar[CodecTag]
+    summable: ClassVar[bool] = False
+    stochastic: bool = False
+    uses_fit: ClassVar[bool] = False
+
+    def plan(self, fit: lognormal.LognormalFit | None) -> Any:
+        """Return what :meth:`encode` derives from a lognormal fit (cacheable between steps)."""
+        return None
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor, *, key: int = 0, plan: Any = None) -> torch.Tensor:
+        """Return the uint8 payload of ``x`` (flattened). ``plan=None`` derives it from ``x``."""
+
+    def decode(self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the float32 values of ``payload`` (written into ``out`` when given)."""
+        from . import decode_payload
+
+        return decode_payload(payload, numel, out=out)
+
+    def wire_bytes(self, numel: int) -> int | None:
+        """Exact payload size for ``numel`` elements, or ``None`` when it depends on the data."""
+        return None
+
+    def reduce_codec(self) -> "Codec":
+        """Codec for re-encoding a reduced (summed) shard in the second phase of an all-reduce."""
+        return self
+
+    def describe(self, plan: Any) -> dict:
+        """Human/JSON-readable summary of a plan (format, sparsity, threshold)."""
+        return {}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
+
+
+def nan_fill_if(flag_nonfinite: bool, out: torch.Tensor) -> torch.Tensor:
+    """Poison a decoded shard: a non-finite input anywhere makes the whole shard NaN."""
+    if flag_nonfinite:
+        out.fill_(float("nan"))
+    return out
+
+
+def prepare_out(numel: int, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    if out.numel() != numel:
+        raise ValueError(f"decode: out has {out.numel()} elements, payload holds {numel}")
+    return out

@@ -1,0 +1,210 @@
+"""Dense codecs: every element travels. fp32 and fp16 baselines, and lognormal-fitted FP."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import lognormal
+from ..formats import FPFormat
+from ..packing import pack_unchecked, packed_size, unpack
+from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
+from .base import (HEADER_BYTES, Codec, CodecTag, Header, check_shard, fit_or_none,
+                   make_header, nan_fill_if, prepare_out)
+
+
+class IdentityCodec(Codec):
+    """Send fp32 unchanged (the uncompressed baseline). Summable: plain all-reduce.
+
+    Wire: 8-byte header + 4 bytes per element.
+    """
+
+    tag = CodecTag.IDENTITY
+    summable = True
+
+    def encode(self, x: torch.Tensor, *, key: int = 0, plan=None) -> torch.Tensor:
+        xs = check_shard(x, "IdentityCodec.encode")
+        return torch.cat([make_header(self.tag, xs), xs.view(torch.uint8)])
+
+    def wire_bytes(self, numel: int) -> int:
+        return HEADER_BYTES + 4 * numel
+
+
+class HalfCodec(Codec):
+    """Send fp16 (round to nearest even; beyond 65504 becomes inf, as torch's fp16 hook does).
+
+    Summable: all-reduced in fp16 directly. Wire: 8-byte header + 2 bytes per element.
+    """
+
+    tag = CodecTag.HALF
+    summable = True
+
+    def encode(self, x: torch.Tensor, *, key: int = 0, plan=None) -> torch.Tensor:
+        xs = check_shard(x, "HalfCodec.encode")
+        return torch.cat([make_header(self.tag, xs), xs.to(torch.float16).view(torch.uint8)])
+
+    def wire_bytes(self, numel: int) -> int:
+        return HEADER_BYTES + 2 * numel
+
+
+def _decode_identity(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    out.copy_(payload[HEADER_BYTES:HEADER_BYTES + 4 * numel].view(torch.float32))
+
+
+def _decode_half(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    out.copy_(payload[HEADER_BYTES:HEADER_BYTES + 2 * numel].view(torch.float16))
+
+
+@dataclass(frozen=True)
+class FPPlan:
+    """Format and power-of-two scale for one shard, with the error they are expected to give."""
+
+    fmt: FPFormat
+    scale_exp: int
+    expected_error: float | None = None
+
+
+def _check_bits(bits: int, exp_bits: int | None, rounding: str, what: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"{what}: bits must be an int in 2..16 (sign included), got {bits!r}")
+    if exp_bits is not None:
+        allowed = [f.exp_bits for f in lognormal.candidate_formats(bits)]
+        if isinstance(exp_bits, bool) or exp_bits not in allowed:
+            raise ValueError(f"{what}: exp_bits for {bits} bits must be None (chosen from the fit) "
+                             f"or one of {allowed}, got {exp_bits!r}")
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"{what}: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+
+def fp_plan(bits: int, exp_bits: int | None, rounding: str,
+            fit: lognormal.LognormalFit | None) -> FPPlan:
+    """Choose the ``bits``-bit format and scale for data with lognormal ``fit``.
+
+    ``exp_bits=None`` picks the split with the smallest exact expected relative error
+    (:func:`lognormal.exact_relative_error`: the real format and rounding mode). The scale is
+    :func:`lognormal.scale_exponent`, raised where needed so that the fit's ``max_abs`` (see
+    :class:`ShardFit`) does not saturate; the split is chosen under that constraint. Without a fit (an all-zero or non-finite
+    shard) any format will do: the widest exponent that keeps a mantissa bit, scale 0.
+    """
+    formats = {f.exp_bits: f for f in lognormal.candidate_formats(bits)}
+    if fit is None:
+        e = exp_bits if exp_bits is not None else max(e for e, f in formats.items() if f.man_bits >= 1 or e == 1)
+        return FPPlan(formats[e], 0, None)
+    amax = getattr(fit, "max_abs", math.inf)
+    best = None
+    for e in ([exp_bits] if exp_bits is not None else sorted(formats)):
+        fmt = formats[e]
+        k = lognormal.scale_exponent(fit.mu, fit.sigma, fmt, rounding)
+        k = max(k, min_scale_exp(amax, fmt))  # never saturate the shard's own maximum
+        err = lognormal.exact_relative_error(fmt, fit.sigma, fit.mu, rounding, k)
+        if best is None or err < best.expected_error:
+            best = FPPlan(fmt, k, err)
+    return best
+
+
+def max_finite_abs(xs: torch.Tensor) -> float:
+    """Largest finite ``|x|`` of ``xs`` (0.0 when there is none)."""
+    if xs.numel() == 0:
+        return 0.0
+    a = xs.abs()
+    return float(torch.where(torch.isfinite(a), a, torch.zeros_like(a)).max())
+
+
+def min_scale_exp(amax: float, fmt: FPFormat) -> int:
+    """Smallest ``k`` with ``amax * 2**-k <= fmt.max``: below it the largest values would saturate."""
+    if not amax > 0 or not math.isfinite(amax):
+        return -(2**14)
+    k = math.ceil(math.log2(amax / fmt.max))
+    while math.ldexp(fmt.max, k) < amax:  # guard the float log against off-by-one
+        k += 1
+    while math.ldexp(fmt.max, k - 1) >= amax:
+        k -= 1
+    return k
+
+
+def cover_max(plan: FPPlan, xs: torch.Tensor) -> FPPlan:
+    """Return ``plan`` with its scale raised, if needed, so that no finite value of ``xs`` saturates.
+
+    The fitted scale minimizes the mean relative error, which can sacrifice the few largest
+    entries of a heavy tail; for a gradient those carry most of the norm, and clipping them
+    biases the update. So the scale is never below what keeps ``max|x|`` on the grid. Checked on
+    every encode (one reduction), so a plan cached since the last refit cannot clip either.
+    """
+    k = min_scale_exp(max_finite_abs(xs), plan.fmt)
+    return plan if k <= plan.scale_exp else FPPlan(plan.fmt, k, None)
+
+
+def encode_fp_values(xs: torch.Tensor, plan: FPPlan, stochastic: bool, key: int) -> torch.Tensor:
+    """Packed FP codes of the float32 tensor ``xs`` under ``plan`` (NaN saturates; flag it)."""
+    x32, src = _as_source(xs)
+    codes = _encode_bits(x32, src, plan.fmt, stochastic, key, plan.scale_exp)
+    return pack_unchecked(codes, plan.fmt.bits)
+
+
+def decode_fp_values(packed: torch.Tensor, fmt: FPFormat, scale_exp: int, numel: int,
+                     out: torch.Tensor) -> None:
+    """Write the values of ``numel`` packed ``fmt`` codes, times ``2**scale_exp``, into ``out``."""
+    codes = unpack(packed, fmt.bits, numel)
+    torch.index_select(decode_table(fmt, packed.device, scale_exp), 0, codes.to(torch.int64), out=out)
+
+
+class FPCodec(Codec):
+    """Quantize to a ``bits``-bit float (sign included) with a lognormal-fitted split and scale.
+
+    Numerics: the shard is multiplied by ``2**-k`` (exact) and rounded onto the format
+    (``rounding="stochastic"``: unbiased, one ulp of counter-based noise; ``"nearest"``: half
+    to even). ``exp_bits=None`` chooses the split per shard from the fit by the exact
+    expected-error criterion; ``k`` centres the fitted median (see
+    :func:`lognormal.scale_exponent`) but is raised when needed so that the shard's largest
+    finite value does not saturate (:func:`cover_max`): nothing finite is ever clipped. A non-finite input sets the header flag and the shard
+    decodes to NaN on every rank.
+
+    Wire: 8-byte header + ``ceil(numel * bits / 8)`` bytes.
+
+    Example:
+        >>> codec = FPCodec(bits=6)
+        >>> x = torch.randn(1000).mul(2).exp()
+        >>> payload = codec.encode(x, key=1)
+        >>> payload.numel() == codec.wire_bytes(1000) == 8 + 750
+        True
+    """
+
+    tag = CodecTag.FP
+    uses_fit = True
+
+    def __init__(self, bits: int = 6, exp_bits: int | None = None, rounding: str = "stochastic"):
+        _check_bits(bits, exp_bits, rounding, "FPCodec")
+        self.bits = bits
+        self.exp_bits = exp_bits
+        self.rounding = rounding
+        self.stochastic = rounding == "stochastic"
+
+    def plan(self, fit: lognormal.LognormalFit | None) -> FPPlan:
+        return fp_plan(self.bits, self.exp_bits, self.rounding, fit)
+
+    def encode(self, x: torch.Tensor, *, key: int = 0, plan: FPPlan | None = None) -> torch.Tensor:
+        xs = check_shard(x, "FPCodec.encode")
+        if plan is None:
+            plan = self.plan(fit_or_none(xs))
+        plan = cover_max(plan, xs)
+        header = make_header(self.tag, xs, plan.fmt, plan.scale_exp)
+        return torch.cat([header, encode_fp_values(xs, plan, self.stochastic, key)])
+
+    def wire_bytes(self, numel: int) -> int:
+        return HEADER_BYTES + packed_size(numel, self.bits)
+
+    def describe(self, plan: FPPlan | None) -> dict:
+        if plan is None:
+            return {"format": None}
+        return {"format": plan.fmt.name, "scale_exp": plan.scale_exp,
+                "expected_relative_error": plan.expected_error}
+
+
+def _decode_fp(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    if header.fmt is None:
+        raise ValueError("FP payload without a value format in its header")
+    nbytes = packed_size(numel, header.fmt.bits)
+    decode_fp_values(payload[HEADER_BYTES:HEADER_BYTES + nbytes], header.fmt, header.scale_exp,
+                     numel, out)
