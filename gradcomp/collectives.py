@@ -1,0 +1,190 @@
+"""Compressed all-reduce over torch.distributed: two-phase, all-gather, and plain all-reduce.
+
+Cost model, bytes one rank puts on the wire for a bucket of ``S`` bytes of fp32 (``N`` ranks,
+compressed size ``S_c``):
+
+* ``allreduce`` (summable payloads: fp32, fp16): ring all-reduce, ``2 (N-1)/N * S``.
+* ``allgather``: every rank sends its whole payload to the other ``N-1``: ``(N-1) * S_c``.
+  One round, and no second quantization (every rank sums the N decoded payloads).
+* ``two_phase``: the bucket is split in ``N`` shards; ``all_to_all`` sends shard ``j`` to rank
+  ``j`` (``(N-1)/N * S_c``), rank ``j`` decodes the N copies of its shard, sums them in fp32 in
+  rank order, re-encodes the mean with ``codec.reduce_codec()`` and sends it to everyone
+  (``(N-1)/N * S_c``): ``2 (N-1)/N * S_c`` in all, the ring optimum for the compressed size.
+
+``choose_collective("auto", ...)`` picks ``allreduce`` for summable codecs, ``allgather`` for
+``N <= 2`` (same bytes as two-phase at N = 2, one round fewer, no reduce-side error) and
+``two_phase`` otherwise.
+
+Variable-size payloads (pruning) are exchanged without padding: the sizes go first (one small
+``all_to_all`` of int64), then ``all_to_all_single`` with uneven splits (gloo's ``all_gather``
+needs equal sizes; an all-gather is an all_to_all whose chunks are all the same payload).
+
+Every rank decodes the same bytes in the same order, so all ranks end with bit-identical
+results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .codecs import Codec, decode_payload
+
+COLLECTIVES = ("auto", "two_phase", "allgather", "allreduce")
+
+
+def choose_collective(collective: str, codec: Codec, world_size: int) -> str:
+    """Resolve ``collective`` ("auto" or a forced choice) for ``codec`` at ``world_size``."""
+    if collective not in COLLECTIVES:
+        raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
+    if collective == "allreduce" and not codec.summable:
+        raise ValueError(
+            f"collective='allreduce' needs a summable payload, but {type(codec).__name__} sends "
+            "packed codes, which no all_reduce can add; use 'two_phase' or 'allgather'"
+        )
+    if collective != "auto":
+        return collective
+    if codec.summable:
+        return "allreduce"
+    return "allgather" if world_size <= 2 else "two_phase"
+
+
+def expected_bytes_sent(collective: str, world_size: int, dense_bytes: int, payload_bytes: int) -> float:
+    """Cost-model bytes one rank sends for one bucket (see the module docstring)."""
+    n = world_size
+    if n <= 1:
+        return 0.0
+    if collective == "allreduce":
+        return 2 * (n - 1) / n * dense_bytes
+    if collective == "allgather":
+        return (n - 1) * payload_bytes
+    return 2 * (n - 1) / n * payload_bytes
+
+
+def shard_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
+    """Split ``numel`` into ``world_size`` contiguous shards; the first ``numel % N`` get one more."""
+    base, extra = divmod(numel, world_size)
+    bounds, start = [], 0
+    for j in range(world_size):
+        size = base + (1 if j < extra else 0)
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+@dataclass
+class ExchangeResult:
+    received: list[torch.Tensor]
+    bytes_sent: int
+
+
+def exchange(chunks: list[torch.Tensor], group, recv_sizes: list[int] | None = None) -> ExchangeResult:
+    """Send ``chunks[j]`` (1-D uint8) to rank ``j``; return what each rank sent here, in rank order.
+
+    ``recv_sizes`` may be given when the sizes are known locally (fixed-size codecs); otherwise
+    they are exchanged first. Blocking; call from the state's worker thread.
+    """
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    device = chunks[0].device
+    send_sizes = [int(c.numel()) for c in chunks]
+    if recv_sizes is None:
+        sizes_in = torch.tensor(send_sizes, dtype=torch.int64, device=device)
+        sizes_out = torch.empty(n, dtype=torch.int64, device=device)
+        dist.all_to_all_single(sizes_out, sizes_in, group=group)
+        recv_sizes = sizes_out.tolist()
+    send = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
+    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
+                           input_split_sizes=send_sizes, group=group)
+    received = list(torch.split(recv, recv_sizes))
+    return ExchangeResult(received, sum(s for j, s in enumerate(send_sizes) if j != rank))
+
+
+@dataclass
+class ReduceStats:
+    """What one compressed all-reduce of one bucket did on this rank."""
+
+    bytes_sent: int = 0
+    payload_bytes: int = 0  # bytes of this rank's phase-1 payloads (all shards, headers included)
+    reduce_payload_bytes: int = 0  # bytes of the re-encoded reduced shard (two-phase only)
+
+
+Encoder = Callable[[int, int, int], torch.Tensor]  # (shard j, start, stop) -> payload of x[start:stop]
+
+
+def allreduce_mean(buffer: torch.Tensor, codec: Codec, group) -> ReduceStats:
+    """Average ``buffer`` in place with a plain all-reduce (fp32, or fp16 for a HalfCodec)."""
+    n = dist.get_world_size(group)
+    from .codecs import HalfCodec
+
+    if isinstance(codec, HalfCodec):
+        half = buffer.to(torch.float16).div_(n)  # divide first: the fp16 sum must not overflow
+        dist.all_reduce(half, group=group)
+        buffer.copy_(half)
+        payload = 2 * buffer.numel()
+    else:
+        dist.all_reduce(buffer, group=group)
+        buffer.div_(n)
+        payload = 4 * buffer.numel()
+    return ReduceStats(bytes_sent=round(2 * (n - 1) / n * payload), payload_bytes=payload)
+
+
+def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
+                   fixed_size: Callable[[int], int] | None) -> ReduceStats:
+    """Write the mean over ranks into ``out``: all-gather every rank's payload of the whole bucket.
+
+    ``encode(0, 0, numel)`` encodes this rank's bucket; every rank decodes the N payloads and
+    sums them in fp32 in rank order.
+    """
+    n = dist.get_world_size(group)
+    payload = encode(0, 0, numel)
+    res = exchange([payload] * n, group, [fixed_size(numel)] * n if fixed_size is not None else None)
+    acc = torch.zeros(numel, dtype=torch.float32, device=out.device)
+    tmp = torch.empty_like(acc)
+    for p in res.received:
+        acc.add_(decode_payload(p, numel, out=tmp))
+    out.copy_(acc.div_(n))
+    return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel())
+
+
+def two_phase_mean(
+    numel: int,
+    out: torch.Tensor,
+    encode: Encoder,
+    reduce_encode: Callable[[torch.Tensor], torch.Tensor],
+    group,
+    fixed_size: Callable[[int], int] | None,
+    reduce_fixed_size: Callable[[int], int] | None,
+) -> ReduceStats:
+    """Write the mean over ranks into ``out`` with the two-phase compressed all-reduce.
+
+    ``encode(j, start, stop)`` encodes this rank's shard ``j`` for phase 1; ``reduce_encode(mean)``
+    re-encodes the mean of this rank's own shard for phase 2. ``fixed_size(numel)`` and
+    ``reduce_fixed_size(numel)`` give the payload sizes of fixed-size codecs (which skips a
+    size exchange), else ``None``. ``out`` may be the tensor ``encode`` reads: every shard is
+    encoded before anything is written.
+    """
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    bounds = shard_bounds(numel, n)
+    payloads = [encode(j, a, b) for j, (a, b) in enumerate(bounds)]
+    own_numel = bounds[rank][1] - bounds[rank][0]
+    recv1 = [fixed_size(own_numel)] * n if fixed_size is not None else None
+    res1 = exchange(payloads, group, recv1)
+
+    acc = torch.zeros(own_numel, dtype=torch.float32, device=out.device)
+    tmp = torch.empty_like(acc)
+    for p in res1.received:  # rank order: identical float sums everywhere
+        acc.add_(decode_payload(p, own_numel, out=tmp))
+    acc.div_(n)
+    reduced = reduce_encode(acc)
+
+    recv2 = [reduce_fixed_size(b - a) for a, b in bounds] if reduce_fixed_size is not None else None
+    res2 = exchange([reduced] * n, group, recv2)
+    for (a, b), p in zip(bounds, res2.received):
+        decode_payload(p, b - a, out=out[a:b])
+    return ReduceStats(bytes_sent=res1.bytes_sent + res2.bytes_sent,
+                       payload_bytes=sum(p.numel() for p in payloads),
+                       reduce_payload_bytes=reduced.numel())

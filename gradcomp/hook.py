@@ -1,0 +1,423 @@
+"""The DDP communication hook and its state.
+
+Usage::
+
+    state = gradcomp.register(ddp_model, codec=gradcomp.codecs.PruneFPCodec(0.85, bits=6))
+    # or: state = CompressionState(codec); ddp_model.register_comm_hook(state, compression_hook)
+
+What happens to one gradient bucket (``bucket.buffer()``, averaged in place):
+
+1. Warm-up (the first ``warmup_steps`` steps): plain fp32 all-reduce. DDP rebuilds its buckets
+   after the first step, so per-bucket state is only meaningful from then on.
+2. With error feedback on the worker side, the residual of the previous step is added.
+3. Every ``refit_every`` steps each shard gets a fresh lognormal fit, and the codec turns it into
+   a plan (format, scale, threshold); in between the cached plan is reused.
+4. The collective (:mod:`gradcomp.collectives`: two-phase, all-gather or all-reduce) runs on the
+   state's worker thread, so backward keeps computing while buckets cross the network. One
+   thread per state runs the buckets first-in first-out: DDP hands buckets over in the same
+   order on every rank, so every rank issues the same collectives in the same order.
+5. The result is decoded in place into the bucket; the returned future completes with it.
+
+Random draws use keys ``derive_key(seed, step, bucket_index, rank, shard, phase)``
+(:func:`gradcomp.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode), never the
+global RNG, so a run is reproducible and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import lognormal
+from .codecs import Codec, decode_payload
+from .codecs.base import ShardFit, fit_or_none
+from .collectives import (allgather_mean, allreduce_mean, choose_collective, shard_bounds,
+                          two_phase_mean)
+from .codecs.dense import IdentityCodec
+from .rng import derive_key
+
+ERROR_FEEDBACK = (False, True, "worker", "reduce")
+STATE_VERSION = 1
+
+
+def _check_int(value, name: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value
+
+
+@dataclass
+class _Stats:
+    steps: int = 0
+    bytes_sent: int = 0
+    dense_bytes: float = 0.0
+    payload_bytes: int = 0
+    payload_elements: int = 0
+    buckets: dict = field(default_factory=dict)
+
+
+class CompressionState:
+    """State of :func:`compression_hook`: settings, per-bucket fits and residuals, statistics.
+
+    Args:
+        codec: a :class:`gradcomp.codecs.Codec` (e.g. ``FPCodec(6)``, ``PruneFPCodec(0.85, 6)``).
+        process_group: the group to reduce over (default: the default group).
+        error_feedback: ``False``; ``True`` (worker and reduce side); ``"worker"``: add
+            ``x - decode(encode(x))`` to the next step's gradient on each rank; ``"reduce"``:
+            the same for the re-encoded mean on the reducing rank (two-phase only).
+        warmup_steps: steps of plain fp32 all-reduce first (>= 1 recommended: DDP rebuilds its
+            buckets after the first step).
+        refit_every: steps between lognormal refits of each shard (>= 1).
+        seed: base of every random key (see the module docstring).
+        collective: ``"auto"`` (by the cost model), ``"two_phase"``, ``"allgather"``, or
+            ``"allreduce"`` (summable codecs only).
+        reduce_codec: codec for the two-phase re-encode; default ``codec.reduce_codec()``.
+
+    Invalid settings raise ``ValueError`` here, never mid-training. The state pickles without
+    its process group and worker thread (like torch's PowerSGD state); ``state_dict()`` holds
+    only tensors and numbers (``torch.load(weights_only=True)`` reads it).
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        process_group: dist.ProcessGroup | None = None,
+        error_feedback: bool | str = False,
+        warmup_steps: int = 1,
+        refit_every: int = 10,
+        seed: int = 0,
+        collective: str = "auto",
+        reduce_codec: Codec | None = None,
+    ):
+        # ---- settings
+        if not isinstance(codec, Codec):
+            raise ValueError(f"codec must be a gradcomp.codecs.Codec, got {type(codec).__name__}")
+        if reduce_codec is not None and not isinstance(reduce_codec, Codec):
+            raise ValueError(f"reduce_codec must be a Codec or None, got {type(reduce_codec).__name__}")
+        if error_feedback not in ERROR_FEEDBACK or isinstance(error_feedback, int) and not isinstance(error_feedback, bool):
+            raise ValueError(f"error_feedback must be one of {ERROR_FEEDBACK}, got {error_feedback!r}")
+        self.codec = codec
+        self.reduce_codec = reduce_codec if reduce_codec is not None else codec.reduce_codec()
+        self.worker_feedback = error_feedback in (True, "worker")
+        self.reduce_feedback = error_feedback in (True, "reduce")
+        self.error_feedback = error_feedback
+        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
+        self.refit_every = _check_int(refit_every, "refit_every", 1)
+        self.seed = _check_int(seed, "seed", 0)
+        self.collective_setting = collective
+        # ---- internal
+        self.process_group = process_group
+        self.world_size, self.rank = 1, 0
+        self.collective = choose_collective(collective, codec, 2)  # validates early
+        if dist.is_available() and dist.is_initialized():
+            self._bind_group()
+        self.step = 0
+        self._param_keys: dict[int, int] = {}  # id(parameter) -> position in the model
+        self._fits: dict[tuple, lognormal.LognormalFit | None] = {}  # (bucket, phase, shard)
+        self._plans: dict[tuple, Any] = {}
+        self._residuals: dict[int, tuple[tuple, torch.Tensor]] = {}  # bucket -> (layout, flat)
+        self._reduce_residuals: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._pending: dict[int, torch.Tensor] = {}  # parameter key -> residual (after rebuild/load)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        # ---- stats
+        self._stats = _Stats()
+
+    # ------------------------------------------------------------------ setup / pickling
+    def _bind_group(self) -> None:
+        group = self.process_group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.collective = choose_collective(self.collective_setting, self.codec, self.world_size)
+
+    def bind_model(self, model: torch.nn.Module) -> None:
+        """Key residuals by parameter position in ``model`` (needed to checkpoint error feedback)."""
+        module = getattr(model, "module", model)
+        self._param_keys = {id(p): i for i, p in enumerate(module.parameters())}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for k in ("process_group", "_executor", "_lock"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.process_group = None
+        self._executor = None
+        self._lock = threading.Lock()
+        if dist.is_available() and dist.is_initialized():
+            self._bind_group()
+
+    def close(self) -> None:
+        """Stop the worker thread (it is also stopped when the state is garbage collected)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __del__(self):
+        ex = self.__dict__.get("_executor")
+        if ex is not None:
+            ex.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ the hook body
+    def _key(self, step: int, bucket: int, shard: int, phase: int) -> int:
+        return derive_key(self.seed, step, bucket, self.rank, shard, phase)
+
+    def _layout(self, params: list[torch.Tensor]) -> tuple:
+        return tuple((self._param_keys.get(id(p), id(p)), p.numel()) for p in params)
+
+    def submit(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        """Start reducing ``bucket``; return the future DDP waits on."""
+        if self.process_group is None and self.world_size == 1 and dist.is_initialized():
+            self._bind_group()
+        buffer, index, step = bucket.buffer(), bucket.index(), self.step
+        layout = self._layout(bucket.parameters()) if self.worker_feedback else ()
+        if bucket.is_last():
+            self.step += 1
+        fut: torch.futures.Future = torch.futures.Future()
+        if self.world_size == 1:  # nothing crosses a network
+            with self._lock:
+                self._stats.steps = self.step
+            fut.set_result(buffer)
+            return fut
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="gradcomp-reduce")
+        device = buffer.device
+        self._executor.submit(self._job, fut, buffer, index, step, layout, device)
+        return fut
+
+    def _job(self, fut, buffer, index, step, layout, device) -> None:
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            self._reduce(buffer, index, step, layout)
+            fut.set_result(buffer)
+        except BaseException as exc:  # surface in backward instead of hanging DDP
+            fut.set_exception(exc)
+
+    def _plan(self, codec: Codec, key: tuple, values: torch.Tensor, refit: bool) -> Any:
+        if refit or key not in self._plans:
+            fit = self._fits.get(key) if (not refit and key in self._fits) else fit_or_none(values)
+            self._fits[key] = fit
+            self._plans[key] = codec.plan(fit)
+        return self._plans[key]
+
+    def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
+        group, n = self.process_group, self.world_size
+        dense = 2 * (n - 1) / n * 4 * buffer.numel()
+        if step < self.warmup_steps or self.collective == "allreduce":
+            codec = IdentityCodec() if step < self.warmup_steps else self.codec
+            rs = allreduce_mean(buffer, codec, group)
+            self._account(index, step, buffer.numel(), rs, dense, "allreduce", compressed=False)
+            return
+        x = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
+        if self.worker_feedback:
+            x = x + self._residual_for(index, layout, x)
+        compressed_step = step - self.warmup_steps
+        refit = compressed_step % self.refit_every == 0
+        feedback = torch.empty_like(x) if self.worker_feedback else None
+
+        def encode(j: int, lo: int, hi: int) -> torch.Tensor:
+            shard = x[lo:hi]
+            plan = self._plan(self.codec, (index, 1, j), shard, refit)
+            payload = self.codec.encode(shard, key=self._key(step, index, j, 1), plan=plan)
+            if feedback is not None:  # residual = what this payload failed to carry
+                seg = decode_payload(payload, hi - lo, out=feedback[lo:hi])
+                torch.sub(shard, seg, out=seg)
+            return payload
+
+        def reduce_encode(mean: torch.Tensor) -> torch.Tensor:
+            if self.reduce_feedback:
+                mean = mean + self._reduce_residual_for(index, mean)
+            plan = self._plan(self.reduce_codec, (index, 2, self.rank), mean, refit)
+            payload = self.reduce_codec.encode(mean, key=self._key(step, index, self.rank, 2), plan=plan)
+            if self.reduce_feedback:
+                res = mean - decode_payload(payload, mean.numel())
+                self._reduce_residuals[index] = ((n, buffer.numel()), res)
+            return payload
+
+        out = buffer if buffer.dtype == torch.float32 else torch.empty_like(x)
+        if self.collective == "allgather":
+            rs = allgather_mean(x.numel(), out, encode, group, _fixed(self.codec))
+        else:
+            rs = two_phase_mean(x.numel(), out, encode, reduce_encode, group,
+                                _fixed(self.codec), _fixed(self.reduce_codec))
+        if out is not buffer:
+            buffer.copy_(out)
+        if feedback is not None:
+            self._residuals[index] = (layout, feedback)
+        self._account(index, step, buffer.numel(), rs, dense, self.collective, compressed=True)
+
+    def _residual_for(self, index: int, layout: tuple, x: torch.Tensor) -> torch.Tensor:
+        """Residual of bucket ``index``; re-keyed by parameter when DDP rebuilt its buckets."""
+        stored = self._residuals.get(index)
+        if stored is not None and stored[0] == layout:
+            return stored[1]
+        # Buckets changed (DDP's rebuild after step 1, or a restored checkpoint): spill every
+        # stored residual into per-parameter pieces, then assemble this bucket from them.
+        for old_layout, flat in self._residuals.values():
+            offset = 0
+            for key, numel in old_layout:
+                self._pending[key] = flat[offset:offset + numel]
+                offset += numel
+        self._residuals.clear()
+        pieces = [self._pending.pop(key, None) for key, _ in layout]
+        flat = torch.cat([p.to(x.device, x.dtype) if p is not None and p.numel() == numel
+                          else torch.zeros(numel, dtype=x.dtype, device=x.device)
+                          for p, (_, numel) in zip(pieces, layout)]) if layout else torch.zeros_like(x)
+        return flat
+
+    def _reduce_residual_for(self, index: int, mean: torch.Tensor) -> torch.Tensor:
+        stored = self._reduce_residuals.get(index)
+        if stored is not None and stored[1].numel() == mean.numel():
+            return stored[1]
+        return torch.zeros_like(mean)
+
+    def _account(self, index, step, numel, rs, dense, collective, compressed) -> None:
+        with self._lock:
+            st = self._stats
+            st.steps = max(st.steps, step + 1)
+            st.bytes_sent += rs.bytes_sent
+            st.dense_bytes += dense
+            if compressed:
+                st.payload_bytes += rs.payload_bytes
+                st.payload_elements += numel
+            info = {"numel": numel, "collective": collective, "bytes_sent": rs.bytes_sent,
+                    "payload_bytes": rs.payload_bytes}
+            if compressed:
+                info["phase1"] = self.codec.describe(self._plans.get((index, 1, self.rank if collective == "two_phase" else 0)))
+                if collective == "two_phase":
+                    info["phase2"] = self.reduce_codec.describe(self._plans.get((index, 2, self.rank)))
+                    info["reduce_payload_bytes"] = rs.reduce_payload_bytes
+            st.buckets[index] = info
+
+    # ------------------------------------------------------------------ public API
+    def stats(self) -> dict:
+        """Cumulative wire statistics of this rank.
+
+        ``bytes_sent``: bytes this rank handed to collectives for other ranks; ``dense_bytes``:
+        what an fp32 ring all-reduce would have sent; ``bits_per_element``: phase-1 payload bits
+        per gradient element over compressed steps, headers included; ``steps``; ``buckets``:
+        per bucket the collective and the chosen format, sparsity and threshold.
+        """
+        with self._lock:
+            st = self._stats
+            return {
+                "steps": self.step,
+                "bytes_sent": st.bytes_sent,
+                "dense_bytes": st.dense_bytes,
+                "compression_ratio": (st.dense_bytes / st.bytes_sent) if st.bytes_sent else None,
+                "bits_per_element": (8 * st.payload_bytes / st.payload_elements) if st.payload_elements else None,
+                "world_size": self.world_size,
+                "collective": self.collective,
+                "codec": repr(self.codec),
+                "buckets": {k: dict(v) for k, v in st.buckets.items()},
+            }
+
+    def _config(self) -> dict:
+        return {"codec": repr(self.codec), "reduce_codec": repr(self.reduce_codec),
+                "error_feedback": str(self.error_feedback), "warmup_steps": self.warmup_steps,
+                "refit_every": self.refit_every, "seed": self.seed,
+                "collective": self.collective_setting}
+
+    def state_dict(self) -> dict:
+        """Checkpointable state: step, fits, residuals (by parameter position), statistics."""
+        self.wait_idle()
+        residuals = {}
+        for layout, flat in self._residuals.values():
+            offset = 0
+            for key, numel in layout:
+                if key in self._param_keys.values():
+                    residuals[int(key)] = flat[offset:offset + numel].clone()
+                offset += numel
+        for key, piece in self._pending.items():
+            if key in self._param_keys.values():
+                residuals[int(key)] = piece.clone()
+        if self.worker_feedback and self._residuals and not self._param_keys:
+            warnings.warn("gradcomp: error-feedback residuals are not saved because the state does "
+                          "not know the model's parameters; use gradcomp.register() or bind_model()")
+        fits = {f"{b}/{p}/{s}": [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf)]
+                if f is not None else [] for (b, p, s), f in self._fits.items()}
+        reduce_res = {int(b): t.clone() for b, ((_, _), t) in self._reduce_residuals.items()}
+        st = self._stats
+        return {
+            "version": STATE_VERSION,
+            "config": self._config(),
+            "step": self.step,
+            "fits": fits,
+            "residuals": residuals,
+            "reduce_residuals": reduce_res,
+            "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self._reduce_residuals.items()},
+            "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
+                      "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict`; the configuration must match this state's."""
+        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
+            raise ValueError(f"not a gradcomp CompressionState state_dict of version {STATE_VERSION}")
+        if sd["config"] != self._config():
+            raise ValueError(f"state_dict was saved with {sd['config']}, this state is {self._config()}")
+        self.wait_idle()
+        self.step = int(sd["step"])
+        self._fits.clear()
+        self._plans.clear()
+        for k, v in sd["fits"].items():
+            b, p, s = (int(t) for t in k.split("/"))
+            self._fits[(b, p, s)] = ShardFit(v[0], v[1], int(v[2]), v[3]) if v else None
+        for key, fit in self._fits.items():
+            codec = self.codec if key[1] == 1 else self.reduce_codec
+            self._plans[key] = codec.plan(fit)
+        self._residuals.clear()
+        self._pending = {int(k): v for k, v in sd["residuals"].items()}
+        self._reduce_residuals = {
+            int(b): (tuple(sd["reduce_residual_layouts"][b]), t) for b, t in sd["reduce_residuals"].items()}
+        st = sd["stats"]
+        self._stats = _Stats(steps=self.step, bytes_sent=int(st["bytes_sent"]),
+                             dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),
+                             payload_elements=int(st["payload_elements"]))
+
+    def wait_idle(self) -> None:
+        """Block until every submitted bucket has been reduced."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+
+
+def _fixed(codec: Codec):
+    return codec.wire_bytes if codec.wire_bytes(1) is not None else None
+
+
+def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP communication hook: compress, reduce and decode ``bucket`` in place (see module doc)."""
+    return state.submit(bucket)
+
+
+# DDP's register_comm_hook inspects these annotations; with postponed evaluation they would be
+# strings, so give it the objects.
+compression_hook.__annotations__ = {
+    "state": CompressionState, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+
+
+def register(ddp_model: torch.nn.parallel.DistributedDataParallel, codec: Codec, **options) -> CompressionState:
+    """Build a :class:`CompressionState` for ``ddp_model``'s group and register the hook.
+
+    ``options`` are :class:`CompressionState`'s keyword arguments. Returns the state (for
+    ``stats()``, ``state_dict()``).
+
+    Example:
+        >>> state = register(ddp_model, codec=FPCodec(6), error_feedback=True)  # doctest: +SKIP
+    """
+    options.setdefault("process_group", getattr(ddp_model, "process_group", None))
+    state = CompressionState(codec, **options)
+    state.bind_model(ddp_model)
+    ddp_model.register_comm_hook(state, compression_hook)
+    return state

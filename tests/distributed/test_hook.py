@@ -1,0 +1,100 @@
+"""The compression hook on spawned gloo ranks: exactness, bytes, replicas, edge cases."""
+
+import math
+
+import pytest
+import torch
+
+import gradcomp
+from gradcomp import codecs as C
+from gradcomp.collectives import expected_bytes_sent
+
+from . import cases
+from .harness import spawn
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_codecs_collectives_and_edge_buckets(world, tmp_path):
+    results = spawn(world, cases.codec_cases, tmp_path)
+    codecs = cases.make_codecs()
+    for key, r0 in results[0].items():
+        name, coll, numel = key
+        codec = codecs[name]
+        # Replicas: bit-identical on every rank.
+        for r in range(1, world):
+            assert torch.equal(results[r][key]["y"].view(torch.int32), r0["y"].view(torch.int32)), key
+        xs = cases.inputs_for(world, numel)
+        exact = torch.stack(xs).double().mean(0)
+        y = r0["y"].double()
+        assert y.shape == (numel,)
+        if numel == 0:
+            continue
+        if name == "identity":
+            # fp32 sums in any order: each element within a few float32 ulps of sum |x_i|.
+            scale = torch.stack(xs).double().abs().sum(0) / world
+            assert ((y - exact).abs() <= 4 * 2.0**-24 * scale).all(), key
+            if coll in ("two_phase", "allgather"):  # rank-order fp32 sum, bit for bit
+                acc = torch.zeros(numel)
+                for x in xs:
+                    acc += x
+                assert torch.equal(r0["y"], acc / world), key
+        else:
+            # Per quantization stage, in the normal range: nearest rounding errs by at most
+            # 2**-(m+1) of each value, stochastic by at most 2**-m; nothing saturates. Stages:
+            # one on the all-gather path, two on the two-phase path (the reduced mean again).
+            if name == "half":
+                bound = 2.0**-10
+            else:
+                nearest = codec.rounding == "nearest"
+                formats = [gradcomp.FPFormat.from_name(f) for f in r0["formats"]]
+                assert len(formats) == (2 if r0["collective"] == "two_phase" else 1), key
+                bound = sum(2.0 ** -(f.man_bits + (1 if nearest else 0)) for f in formats)
+            err = ((y - exact).norm() / exact.norm()).item()
+            assert err <= bound, (key, err, bound)
+        # Bytes handed to collectives equal the declared sizes, and the cost model within 5%
+        # (headers, uneven shards).
+        resolved = r0["collective"]
+        for r in range(world):
+            sent = results[r][key]["bytes_sent"]
+            assert sent == cases.expected_fixed_bytes(codec, resolved, world, r, numel), (key, r)
+        if numel >= 1001:
+            dense = 4 * numel
+            payload = codec.wire_bytes(numel) if not codec.summable or resolved != "allreduce" else dense
+            model = expected_bytes_sent(resolved, world, dense, payload)
+            if resolved == "allreduce" and name == "half":
+                model = expected_bytes_sent(resolved, world, 2 * numel, 0)
+            assert abs(r0["bytes_sent"] - model) <= 0.05 * model + 64 * world, (key, r0["bytes_sent"], model)
+        # auto picks by the cost model.
+        if coll == "auto":
+            want = "allreduce" if codec.summable else ("allgather" if world <= 2 else "two_phase")
+            assert resolved == want
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_nonfinite_on_one_rank_reaches_every_rank(world, tmp_path):
+    results = spawn(world, cases.nonfinite_cases, tmp_path)
+    for key in results[0]:
+        for r in range(world):
+            y = results[r][key]
+            assert not torch.isfinite(y).all(), (key, r)
+            assert torch.equal(y.view(torch.int32), results[0][key].view(torch.int32))
+
+
+def test_stochastic_codecs_are_unbiased_through_the_collective(tmp_path):
+    world, steps = 3, 300
+    results = spawn(world, cases.unbiased_cases, tmp_path, steps)
+    exact = torch.stack(cases.inputs_for(world, 512, sigma=0.3)).double().mean(0)
+    for key, r in results[0].items():
+        # Unbiased: the error of the average over `steps` independent steps is the single-step
+        # error over sqrt(steps). A bias would not shrink: it would stay near the single-step error.
+        single = ((r["samples"] - exact).norm(dim=1) ** 2).mean().sqrt().item()
+        err = (r["avg"] - exact).norm().item()
+        assert err <= 1.3 * single / steps**0.5, (key, err, single)
+        assert single > 0.01 * exact.norm().item()  # the codec is lossy, the test is not vacuous
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    results = spawn(2, cases.resume_case, tmp_path, str(tmp_path))
+    for r in results:
+        for a, b in zip(r["straight"], r["resumed"]):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))
