@@ -110,6 +110,7 @@ class ReduceStats:
     bytes_sent: int = 0
     payload_bytes: int = 0  # bytes of this rank's phase-1 payloads (all shards, headers included)
     reduce_payload_bytes: int = 0  # bytes of the re-encoded reduced shard (two-phase only)
+    shard_payload_bytes: tuple = ()  # phase-1 payload size per shard (two-phase)
 
 
 Encoder = Callable[[int, int, int], torch.Tensor]  # (shard j, start, stop) -> payload of x[start:stop]
@@ -187,4 +188,5 @@ def two_phase_mean(
         decode_payload(p, b - a, out=out[a:b])
     return ReduceStats(bytes_sent=res1.bytes_sent + res2.bytes_sent,
                        payload_bytes=sum(p.numel() for p in payloads),
-                       reduce_payload_bytes=reduced.numel())
+                       reduce_payload_bytes=reduced.numel(),
+                       shard_payload_bytes=tuple(p.numel() for p in payloads))

@@ -298,6 +298,7 @@ class CompressionState:
                 if collective == "two_phase":
                     info["phase2"] = self.reduce_codec.describe(self._plans.get((index, 2, self.rank)))
                     info["reduce_payload_bytes"] = rs.reduce_payload_bytes
+                    info["shard_payload_bytes"] = list(rs.shard_payload_bytes)
             st.buckets[index] = info
 
     # ------------------------------------------------------------------ public API

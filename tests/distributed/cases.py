@@ -21,6 +21,9 @@ def make_codecs() -> dict:
         "fp6": C.FPCodec(6),
         "fp4": C.FPCodec(4),
         "fp8_nearest": C.FPCodec(8, rounding="nearest"),
+        "prune": C.PruneCodec(0.85),
+        "prune_fp": C.PruneFPCodec(0.85, 6),
+        "topk": C.TopKCodec(0.05),
     }
 
 
@@ -33,16 +36,22 @@ def rank_input(numel: int, rank: int, seed: int = 0, sigma: float = 2.0) -> torc
     return common * (1 + 0.5 * torch.randn(numel, generator=g))
 
 
+_PARAMS: dict = {}
+
+
 def reduce_once(state: gradcomp.CompressionState, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """Reduce one bucket holding ``x``; the bucket's parameter objects stay the same per state
+    (as in DDP), so error-feedback residuals follow them."""
+    params = _PARAMS.setdefault((id(state), x.numel()), [torch.nn.Parameter(torch.empty(x.numel()))])
     buf = x.clone()
-    fut = state.submit(FakeBucket(buf, index=index))
+    fut = state.submit(FakeBucket(buf, index=index, params=params))
     return fut.wait().clone()
 
 
 def codec_cases(rank: int, world: int) -> dict:
     """Every codec x collective x bucket size: outputs, exact means, and byte counts."""
     out = {}
-    sizes = [0, 1, world - 1, 1001, 65536]
+    sizes = [0, 1, world - 1, 1001, 20000]
     for name, codec in make_codecs().items():
         collectives = ["auto", "two_phase", "allgather"] + (["allreduce"] if codec.summable else [])
         for coll in collectives:
@@ -54,7 +63,7 @@ def codec_cases(rank: int, world: int) -> dict:
                 info = st["buckets"].get(0, {})
                 out[(name, coll, numel)] = {
                     "y": y, "bytes_sent": st["bytes_sent"], "collective": st["collective"],
-                    "bits_per_element": st["bits_per_element"],
+                    "bits_per_element": st["bits_per_element"], "bucket": info,
                     "formats": [info[k]["format"] for k in ("phase1", "phase2")
                                 if k in info and info[k].get("format")],
                 }
@@ -96,7 +105,7 @@ def nonfinite_cases(rank: int, world: int) -> dict:
 def unbiased_cases(rank: int, world: int, steps: int) -> dict:
     """Average the reduced output of the same input over many steps (fresh keys each step)."""
     out = {}
-    for name in ["fp6", "fp4"]:
+    for name in ["fp6", "fp4", "prune_fp", "prune"]:
         codec = make_codecs()[name]
         for coll in ["two_phase", "allgather"]:
             state = gradcomp.CompressionState(codec, warmup_steps=0, collective=coll, refit_every=1000)
@@ -187,3 +196,27 @@ def train_digits(rank: int, world: int, runs: list, epochs: int) -> dict:
             accs[name + "_bits_per_element"] = state.stats()["bits_per_element"]
             state.close()
     return accs
+
+
+def topk_feedback_case(rank: int, world: int, steps: int) -> dict:
+    """TopK is biased; with error feedback the running mean of its outputs still converges."""
+    out = {}
+    for ef in (False, True):
+        state = gradcomp.CompressionState(C.TopKCodec(0.05), warmup_steps=0, error_feedback=ef,
+                                          collective="allgather")
+        x = rank_input(2000, rank, sigma=0.5)
+        acc = torch.zeros(2000, dtype=torch.float64)
+        for _ in range(steps):
+            acc += reduce_once(state, x).double()
+        out[ef] = acc / steps
+        state.close()
+    return out
+
+
+def world_one_case(rank: int, world: int) -> dict:
+    state = gradcomp.CompressionState(C.PruneFPCodec(0.85, 6), warmup_steps=0)
+    x = rank_input(1000, rank)
+    y = reduce_once(state, x)
+    st = state.stats()
+    state.close()
+    return {"x": x, "y": y, "bytes_sent": st["bytes_sent"], "world": st["world_size"]}

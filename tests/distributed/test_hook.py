@@ -44,20 +44,34 @@ def test_codecs_collectives_and_edge_buckets(world, tmp_path):
             # one on the all-gather path, two on the two-phase path (the reduced mean again).
             if name == "half":
                 bound = 2.0**-10
+            elif name in ("prune", "prune_fp", "topk"):
+                bound = None  # sparse codecs: error bounded statistically (unbiasedness test)
             else:
                 nearest = codec.rounding == "nearest"
                 formats = [gradcomp.FPFormat.from_name(f) for f in r0["formats"]]
                 assert len(formats) == (2 if r0["collective"] == "two_phase" else 1), key
                 bound = sum(2.0 ** -(f.man_bits + (1 if nearest else 0)) for f in formats)
             err = ((y - exact).norm() / exact.norm()).item()
-            assert err <= bound, (key, err, bound)
+            if bound is not None:
+                assert err <= bound, (key, err, bound)
+            elif numel >= 1001:  # a 1-element shard pruned at 85% may legitimately be zero
+                assert err < 0.9, (key, err)  # it carries most of the signal
         # Bytes handed to collectives equal the declared sizes, and the cost model within 5%
         # (headers, uneven shards).
         resolved = r0["collective"]
+        fixed = codec.wire_bytes(numel) is not None
         for r in range(world):
-            sent = results[r][key]["bytes_sent"]
-            assert sent == cases.expected_fixed_bytes(codec, resolved, world, r, numel), (key, r)
-        if numel >= 1001:
+            rr = results[r][key]
+            if fixed:
+                expected = cases.expected_fixed_bytes(codec, resolved, world, r, numel)
+            elif resolved == "allgather":
+                expected = (world - 1) * rr["bucket"]["payload_bytes"]
+            else:  # two-phase: the other ranks' shards, then the reduced shard to everyone
+                shards = rr["bucket"]["shard_payload_bytes"]
+                expected = sum(b for j, b in enumerate(shards) if j != r) \
+                    + (world - 1) * rr["bucket"]["reduce_payload_bytes"]
+            assert rr["bytes_sent"] == expected, (key, r)
+        if numel >= 1001 and fixed:
             dense = 4 * numel
             payload = codec.wire_bytes(numel) if not codec.summable or resolved != "allreduce" else dense
             model = expected_bytes_sent(resolved, world, dense, payload)
@@ -98,3 +112,19 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     for r in results:
         for a, b in zip(r["straight"], r["resumed"]):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_error_feedback_fixes_topk_bias(tmp_path):
+    world, steps = 2, 200
+    results = spawn(world, cases.topk_feedback_case, tmp_path, steps)
+    exact = torch.stack(cases.inputs_for(world, 2000, sigma=0.5)).double().mean(0)
+    err = {ef: ((avg - exact).norm() / exact.norm()).item() for ef, avg in results[0].items()}
+    # Without feedback the 95% smallest entries never arrive; with it they arrive late.
+    assert err[False] > 0.3, err
+    assert err[True] < 0.1, err
+
+
+def test_world_size_one_is_a_no_op(tmp_path):
+    (r,) = spawn(1, cases.world_one_case, tmp_path)
+    assert r["world"] == 1 and r["bytes_sent"] == 0
+    assert torch.equal(r["x"], r["y"])

@@ -1,0 +1,70 @@
+"""CompressionState without a process group: validation, pickling, choice of collective."""
+
+import pickle
+
+import pytest
+import torch
+
+import gradcomp
+from gradcomp.codecs import FPCodec, HalfCodec, IdentityCodec, PruneFPCodec, TopKCodec
+from gradcomp.collectives import choose_collective, expected_bytes_sent, shard_bounds
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"codec": "fp6"}, "codec must be a gradcomp.codecs.Codec"),
+    ({"error_feedback": "yes"}, "error_feedback must be one of"),
+    ({"error_feedback": 1}, "error_feedback must be one of"),
+    ({"warmup_steps": -1}, "warmup_steps must be an int >= 0"),
+    ({"refit_every": 0}, "refit_every must be an int >= 1"),
+    ({"seed": 1.5}, "seed must be an int"),
+    ({"collective": "ring"}, "collective must be one of"),
+    ({"collective": "allreduce"}, "no all_reduce can add"),
+    ({"reduce_codec": 3}, "reduce_codec must be a Codec"),
+])
+def test_invalid_configuration_raises_at_construction(kwargs, msg):
+    args = {"codec": FPCodec(6), **kwargs}
+    with pytest.raises(ValueError, match=msg):
+        gradcomp.CompressionState(**args)
+
+
+def test_valid_configurations():
+    s = gradcomp.CompressionState(HalfCodec(), collective="allreduce")
+    assert s.collective == "allreduce"
+    s = gradcomp.CompressionState(PruneFPCodec(0.85, 6), error_feedback="reduce", seed=7)
+    assert s.reduce_feedback and not s.worker_feedback
+    assert s.reduce_codec == PruneFPCodec(0.85, 6).reduce_codec()
+
+
+def test_state_pickles_without_group_and_thread():
+    s = gradcomp.CompressionState(TopKCodec(0.01), error_feedback=True, seed=3)
+    s.step = 42
+    t = pickle.loads(pickle.dumps(s))
+    assert t.step == 42 and t.seed == 3 and t.process_group is None and t._executor is None
+    assert t.codec == TopKCodec(0.01)
+
+
+def test_choose_collective_by_cost_model():
+    assert choose_collective("auto", IdentityCodec(), 8) == "allreduce"
+    assert choose_collective("auto", FPCodec(6), 2) == "allgather"
+    assert choose_collective("auto", FPCodec(6), 3) == "two_phase"
+    assert choose_collective("allgather", FPCodec(6), 8) == "allgather"
+    # Two-phase bytes per rank stay flat as N grows; all-gather's grow linearly.
+    s = 1_000_000
+    assert expected_bytes_sent("two_phase", 8, 4 * s, s) < 2 * s
+    assert expected_bytes_sent("allgather", 8, 4 * s, s) == 7 * s
+    assert expected_bytes_sent("two_phase", 2, 4 * s, s) == expected_bytes_sent("allgather", 2, 4 * s, s)
+
+
+@pytest.mark.parametrize("numel,world", [(0, 3), (1, 4), (10, 3), (1001, 4), (7, 7)])
+def test_shard_bounds_cover_the_bucket(numel, world):
+    b = shard_bounds(numel, world)
+    assert len(b) == world and b[0][0] == 0 and b[-1][1] == numel
+    assert all(b[i][1] == b[i + 1][0] for i in range(world - 1))
+    sizes = [hi - lo for lo, hi in b]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_stats_before_any_step():
+    st = gradcomp.CompressionState(FPCodec(6)).stats()
+    assert {"bytes_sent", "dense_bytes", "bits_per_element", "steps", "buckets"} <= set(st)
+    assert st["steps"] == 0 and st["bytes_sent"] == 0
