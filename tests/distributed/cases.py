@@ -220,3 +220,22 @@ def world_one_case(rank: int, world: int) -> dict:
     st = state.stats()
     state.close()
     return {"x": x, "y": y, "bytes_sent": st["bytes_sent"], "world": st["world_size"]}
+
+
+def async_case(rank: int, world: int) -> dict:
+    """Rank 1 joins late: rank 0's hook must return at once and complete only after the exchange."""
+    import time
+
+    state = gradcomp.CompressionState(C.FPCodec(6), warmup_steps=0)
+    params = [torch.nn.Parameter(torch.empty(50_000))]
+    buf = rank_input(50_000, rank)
+    if rank == 1:
+        time.sleep(1.0)
+    t0 = time.perf_counter()
+    fut = state.submit(FakeBucket(buf, params=params))
+    t_submit = time.perf_counter() - t0
+    done_early = fut.done()
+    fut.wait()
+    t_done = time.perf_counter() - t0
+    state.close()
+    return {"submit_s": t_submit, "done_early": done_early, "done_s": t_done}

@@ -128,3 +128,9 @@ def test_world_size_one_is_a_no_op(tmp_path):
     (r,) = spawn(1, cases.world_one_case, tmp_path)
     assert r["world"] == 1 and r["bytes_sent"] == 0
     assert torch.equal(r["x"], r["y"])
+
+
+def test_hook_returns_before_communication_completes(tmp_path):
+    r0 = spawn(2, cases.async_case, tmp_path)[0]
+    assert r0["submit_s"] < 0.2 and not r0["done_early"], r0
+    assert r0["done_s"] > 0.5, r0  # it waited for rank 1, on the worker thread
