@@ -32,13 +32,15 @@ def codec_list() -> list[tuple[str, C.Codec]]:
         ("FPCodec(6)", C.FPCodec(6)),
         ("FPCodec(5)", C.FPCodec(5)),
         ("FPCodec(4)", C.FPCodec(4)),
+        ("FPCodec(8, criterion='relative')", C.FPCodec(8, criterion="relative")),
+        ("FPCodec(6, criterion='relative')", C.FPCodec(6, criterion="relative")),
+        ("FPCodec(4, criterion='relative')", C.FPCodec(4, criterion="relative")),
         ("PruneCodec(0.85)", C.PruneCodec(0.85)),
         ("PruneCodec(0.95)", C.PruneCodec(0.95)),
         ("PruneFPCodec(0.85, 6)", C.PruneFPCodec(0.85, 6)),
         ("TopKCodec(0.01)", C.TopKCodec(0.01)),
     ]
-    if hasattr(C, "BudgetCodec"):
-        out += [(f"BudgetCodec({b})", C.BudgetCodec(b)) for b in (1.5, 2.0, 4.0)]
+    out += [(f"BudgetCodec({b})", C.BudgetCodec(b)) for b in (1.5, 2.0, 4.0)]
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 from .base import HEADER_BYTES, Codec, CodecTag, Header, nan_fill_if, prepare_out, read_header
 from .dense import (FPCodec, FPPlan, HalfCodec, IdentityCodec, _decode_fp, _decode_half,
                     _decode_identity)
+from .budget import BudgetCodec, BudgetPlan, fp_nmse, prune_fp_nmse, pruning_nmse
 from .sparse import PruneCodec, PruneFPCodec, PrunePlan, TopKCodec, _decode_prune, _decode_topk
 
 _DECODERS = {
@@ -39,6 +40,7 @@ def decode_payload(payload: torch.Tensor, numel: int, *, out: torch.Tensor | Non
 
 
 __all__ = [
+    "BudgetCodec", "BudgetPlan", "fp_nmse", "prune_fp_nmse", "pruning_nmse",
     "Codec", "CodecTag", "FPCodec", "FPPlan", "HEADER_BYTES", "HalfCodec", "Header",
     "IdentityCodec", "decode_payload", "read_header",
     "PruneCodec", "PruneFPCodec", "PrunePlan", "TopKCodec",
