@@ -24,6 +24,7 @@ def make_codecs() -> dict:
         "prune": C.PruneCodec(0.85),
         "prune_fp": C.PruneFPCodec(0.85, 6),
         "topk": C.TopKCodec(0.05),
+        "budget": C.BudgetCodec(2.0),
     }
 
 
@@ -105,7 +106,7 @@ def nonfinite_cases(rank: int, world: int) -> dict:
 def unbiased_cases(rank: int, world: int, steps: int) -> dict:
     """Average the reduced output of the same input over many steps (fresh keys each step)."""
     out = {}
-    for name in ["fp6", "fp4", "prune_fp", "prune"]:
+    for name in ["fp6", "fp4", "prune_fp", "prune", "budget"]:
         codec = make_codecs()[name]
         for coll in ["two_phase", "allgather"]:
             state = gradcomp.CompressionState(codec, warmup_steps=0, collective=coll, refit_every=1000)

@@ -34,6 +34,15 @@ from gradcomp.lognormal import (
 LN2 = math.log(2.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Small tensors: on a busy 2-core machine intra-op threads only add contention. Restored.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def lognormal_sample(n, mu, sigma, seed, dtype=torch.float64):
     """``sign * exp(mu + sigma * z)`` with random signs, from a local generator."""
     g = torch.Generator().manual_seed(seed)
@@ -78,14 +87,22 @@ def test_fit_single_entry_has_zero_sigma():
 
 @pytest.mark.parametrize(
     "x",
-    [torch.zeros(5), torch.tensor([math.nan, math.inf, 0.0]), torch.empty(0), np.zeros(3), np.array([np.inf])],
+    [
+        torch.zeros(5),
+        torch.tensor([math.nan, math.inf, 0.0]),
+        torch.empty(0),
+        np.zeros(3),
+        np.array([np.inf]),
+    ],
 )
 def test_fit_without_usable_entries_raises(x):
     with pytest.raises(ValueError, match="no nonzero finite entries"):
         fit(x)
 
 
-@pytest.mark.parametrize("bad", [[1.0, 2.0], 3.0, torch.ones(3, dtype=torch.complex64), np.ones(3, dtype=complex)])
+@pytest.mark.parametrize(
+    "bad", [[1.0, 2.0], 3.0, torch.ones(3, dtype=torch.complex64), np.ones(3, dtype=complex)]
+)
 def test_fit_rejects_bad_input(bad):
     with pytest.raises(ValueError):
         fit(bad)
@@ -206,7 +223,8 @@ def seed_sparsity(alpha, mu, sigma):
 @pytest.mark.parametrize("u", [-1.5, -0.5, 0.0, 0.7, 2.0])
 def test_sparsity_matches_seed_formula(mu, sigma, u):
     alpha = math.exp(mu + u * sigma)
-    assert sparsity_for_threshold(alpha, mu, sigma) == pytest.approx(seed_sparsity(alpha, mu, sigma), rel=1e-9)
+    expected = seed_sparsity(alpha, mu, sigma)
+    assert sparsity_for_threshold(alpha, mu, sigma) == pytest.approx(expected, rel=1e-9)
 
 
 def test_sparsity_monotone_limits_and_arrays():
@@ -325,7 +343,8 @@ def seed_relative_error(n1, n2, sigma):
 @pytest.mark.parametrize("n1", [1, 2, 5])
 @pytest.mark.parametrize("sigma", [0.3, 1.0, 2.0, 3.0])
 def test_closed_form_matches_seed_literal(n1, n2, sigma):
-    assert expected_relative_error(n1, n2, sigma) == pytest.approx(seed_relative_error(n1, n2, sigma), rel=1e-9, abs=1e-13)
+    expected = seed_relative_error(n1, n2, sigma)
+    assert expected_relative_error(n1, n2, sigma) == pytest.approx(expected, rel=1e-9, abs=1e-13)
 
 
 def test_closed_form_finite_everywhere_and_undefined_at_zero_mantissa():
@@ -386,7 +405,9 @@ def brute_force_error(fmt, sigma, mu, rounding, k, n=400_000, width=12.0):
     return float(np.sum(pointwise_error(grid, np.exp(t), rounding) * pdf) * (edges[1] - edges[0]))
 
 
-@pytest.mark.parametrize("fmt", [FPFormat(3, 2), FPFormat(2, 1), FPFormat(4, 3), FPFormat(3, 0)], ids=str)
+@pytest.mark.parametrize(
+    "fmt", [FPFormat(3, 2), FPFormat(2, 1), FPFormat(4, 3), FPFormat(3, 0)], ids=str
+)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("sigma", [0.4, 2.0])
 @pytest.mark.parametrize("shift", [0, 3, -4])
@@ -413,7 +434,9 @@ def test_exact_small_sigma_limit():
     assert exact_relative_error(fmt, 1.0, mu=0.37) == pytest.approx(2.0**-10 / (8 * LN2), rel=0.01)
 
 
-@pytest.mark.parametrize("fmt", [FPFormat(2, 1), FPFormat(3, 2), FPFormat(4, 3), FPFormat(5, 2), FPFormat(2, 0)], ids=str)
+@pytest.mark.parametrize(
+    "fmt", [FPFormat(2, 1), FPFormat(3, 2), FPFormat(4, 3), FPFormat(5, 2), FPFormat(2, 0)], ids=str
+)
 def test_stochastic_error_at_least_nearest(fmt):
     for sigma in [0.0, 0.1, 1.0, 3.0]:
         for mu in [0.0, 0.4]:
@@ -430,10 +453,12 @@ def test_exact_point_mass():
     fmt = FPFormat(3, 2)  # grid around 1: 1, 1.25, 1.5, ...
     y = 1.1
     assert exact_relative_error(fmt, 0.0, math.log(y), "nearest", 0) == pytest.approx(0.1 / 1.1)
-    assert exact_relative_error(fmt, 0.0, math.log(y), "stochastic", 0) == pytest.approx(2 * 0.1 * 0.15 / (0.25 * 1.1))
+    stochastic = 2 * 0.1 * 0.15 / (0.25 * 1.1)  # 2 (y - lo)(hi - y) / ((hi - lo) y)
+    assert exact_relative_error(fmt, 0.0, math.log(y), "stochastic", 0) == pytest.approx(stochastic)
     assert exact_relative_error(fmt, 0.0, math.log(100.0), "nearest", 0) == pytest.approx(1 - 28 / 100)
     assert exact_relative_error(fmt, 0.0, math.log(0.01), "nearest", 0) == 1.0
-    assert exact_relative_error(fmt, 1e-9, math.log(y), "nearest", 0) == pytest.approx(0.1 / 1.1, rel=1e-6)
+    near_point = exact_relative_error(fmt, 1e-9, math.log(y), "nearest", 0)
+    assert near_point == pytest.approx(0.1 / 1.1, rel=1e-6)
 
 
 def test_exact_shift_equivariance_and_bias_invariance():
@@ -442,7 +467,8 @@ def test_exact_shift_equivariance_and_bias_invariance():
         a = exact_relative_error(fmt, 1.3, 0.2, r, 1)
         assert exact_relative_error(fmt, 1.3, 0.2 + 5 * LN2, r, 6) == pytest.approx(a, rel=1e-12)
         # A different bias is the same grid scaled by a power of two: the scale absorbs it.
-        assert exact_relative_error(FPFormat(3, 2, bias=5), 1.3, 0.2, r, 1 + 2) == pytest.approx(a, rel=1e-12)
+        shifted = exact_relative_error(FPFormat(3, 2, bias=5), 1.3, 0.2, r, 1 + 2)
+        assert shifted == pytest.approx(a, rel=1e-12)
 
 
 def test_exact_accepts_big_grids_and_extreme_parameters():
@@ -480,6 +506,17 @@ def test_exact_invalid():
         exact_relative_error(FPFormat(3, 2), 1.0, scale_exp=1.5)
     with pytest.raises(ValueError, match="mu"):
         exact_relative_error(FPFormat(3, 2), 1.0, mu=math.nan)
+    with pytest.raises(ValueError, match="mu"):
+        scale_exponent(1e300, 1.0, FPFormat(3, 2))
+
+
+def test_exact_point_mass_beyond_float_range():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fmt = FPFormat(3, 2)
+        assert exact_relative_error(fmt, 0.0, 1000.0, scale_exp=0) == 1.0  # saturates
+        assert exact_relative_error(fmt, 0.0, -1000.0, scale_exp=0) == 1.0  # flushed to 0
+        assert exact_relative_error(fmt, 0.0, -1000.0, "stochastic", scale_exp=0) == 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +534,11 @@ def test_scale_exponent_documented_offset():
     assert scale_exponent(0.3, 1.0, fmt) == math.floor(0.3 / LN2 - c + 0.5)
 
 
-@pytest.mark.parametrize("fmt", [FPFormat(2, 1), FPFormat(3, 0), FPFormat(2, 3), FPFormat(3, 2), FPFormat(4, 3), FPFormat(5, 2), FPFormat(5, 10)], ids=str)
+SCALE_FORMATS = [FPFormat(2, 1), FPFormat(3, 0), FPFormat(2, 3), FPFormat(3, 2), FPFormat(4, 3),
+                 FPFormat(5, 2), FPFormat(5, 10)]
+
+
+@pytest.mark.parametrize("fmt", SCALE_FORMATS, ids=str)
 def test_scale_exponent_is_the_best_scale(fmt):
     for sigma in [0.0, 0.2, 1.0, 2.0, 4.0] if fmt.bits <= 8 else [0.0, 1.0]:
         for mu in [0.0, -4.1]:
@@ -508,7 +549,8 @@ def test_scale_exponent_is_the_best_scale(fmt):
                 if r == "nearest":
                     # the window search finds the global optimum (checked over +-20 here).
                     reach = 20 if fmt.bits <= 8 else 3
-                    others = [exact_relative_error(fmt, sigma, mu, r, kk) for kk in range(k - reach, k + reach + 1)]
+                    others = [exact_relative_error(fmt, sigma, mu, r, kk)
+                              for kk in range(k - reach, k + reach + 1)]
                     assert best <= min(others) * (1 + 1e-6)
                 # deterministic and equivariant under power-of-two shifts of the data
                 assert scale_exponent(mu, sigma, fmt, r) == k
@@ -527,7 +569,8 @@ def test_scale_exponent_invalid():
 
 
 def test_candidate_formats():
-    assert [(f.exp_bits, f.man_bits) for f in candidate_formats(6)] == [(1, 4), (2, 3), (3, 2), (4, 1), (5, 0)]
+    splits = [(f.exp_bits, f.man_bits) for f in candidate_formats(6)]
+    assert splits == [(1, 4), (2, 3), (3, 2), (4, 1), (5, 0)]
     assert [(f.exp_bits, f.man_bits) for f in candidate_formats(16)] == [(5, 10), (6, 9), (7, 8), (8, 7)]
     assert candidate_formats(16)[-1].bias == 128  # e8 needs bias >= 128 to fit float32
     assert [(f.exp_bits, f.man_bits) for f in candidate_formats(2)] == [(1, 0)]
@@ -558,7 +601,8 @@ def test_split_table():
     assert rows[-1].closed_form_error == math.inf and all(math.isfinite(r.exact_error) for r in rows)
     best = min(rows, key=lambda r: r.exact_error)
     assert best.exp_bits == optimal_exp_bits(6, 2.0)
-    assert min(rows, key=lambda r: r.closed_form_error).exp_bits == optimal_exp_bits(6, 2.0, method="closed_form")
+    best_closed = min(rows, key=lambda r: r.closed_form_error)
+    assert best_closed.exp_bits == optimal_exp_bits(6, 2.0, method="closed_form")
     for r in rows:
         assert r.exact_error == exact_relative_error(r.fmt, 2.0, 0.0, "nearest", r.scale_exp)
         assert r.closed_form_error == expected_relative_error(r.man_bits, r.exp_bits, 2.0)
@@ -605,7 +649,10 @@ SPLIT_BREAKS = {
     4: {"closed_form": (1, [0.8322]), "exact": (1, [0.7481, 1.4764])},
     5: {"closed_form": (1, [0.5398, 1.5716]), "exact": (1, [0.6490, 1.3836, 2.7175])},
     6: {"closed_form": (1, [0.4479, 1.0580, 2.9750]), "exact": (1, [0.5702, 1.2362, 2.4954, 5.1290])},
-    8: {"closed_form": (1, [0.3606, 0.7857, 1.7410, 4.0221]), "exact": (1, [0.4597, 1.0663, 2.1955, 4.1642])},
+    8: {
+        "closed_form": (1, [0.3606, 0.7857, 1.7410, 4.0221]),
+        "exact": (1, [0.4597, 1.0663, 2.1955, 4.1642]),
+    },
 }
 
 

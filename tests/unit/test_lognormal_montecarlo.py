@@ -16,6 +16,16 @@ from gradcomp.formats import FPFormat
 from gradcomp.lognormal import exact_relative_error, fit, scale_exponent, threshold_for_sparsity
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tensors here are small (2e5); on a busy 2-core machine intra-op threads only add
+    # contention (measured 10-40x slower elementwise ops). Restored afterwards.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def lognormal_sample(n, mu, sigma, gen):
     """``sign * exp(mu + sigma * z)`` in float64 with random signs."""
     z = torch.randn(n, generator=gen, dtype=torch.float64)
@@ -27,7 +37,8 @@ def stochastic_prune(x, alpha, gen):
     """SPEC 2.1: keep if |x| > alpha; else sign(x) * alpha if alpha * eps <= |x|, else 0."""
     eps = torch.rand(x.shape, generator=gen, dtype=x.dtype)
     a = x.abs()
-    return torch.where(a > alpha, x, torch.where(alpha * eps <= a, torch.sign(x) * alpha, torch.zeros_like(x)))
+    small = torch.where(alpha * eps <= a, torch.sign(x) * alpha, torch.zeros_like(x))
+    return torch.where(a > alpha, x, small)
 
 
 @pytest.mark.parametrize("mu", [-9.0, 0.0, 3.0])
@@ -57,7 +68,8 @@ def test_threshold_from_fitted_parameters():
 
 quant = pytest.importorskip("gradcomp.quant")
 
-FORMATS = [FPFormat(2, 3), FPFormat(3, 2), FPFormat(4, 3), FPFormat(5, 2), FPFormat(2, 1), FPFormat(3, 0)]
+FORMATS = [FPFormat(2, 3), FPFormat(3, 2), FPFormat(4, 3), FPFormat(5, 2), FPFormat(2, 1),
+           FPFormat(3, 0)]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
@@ -69,12 +81,19 @@ def test_exact_error_matches_quantizer(fmt, sigma, rounding):
     x = lognormal_sample(200_000, mu, sigma, gen).float()  # float32 input, as gradients
     k = scale_exponent(mu, sigma, fmt, rounding)
     scaled = x * 2.0 ** -k  # exact: a power of two, no float32 over/underflow at these mu/sigma
-    q = quant.quantize(scaled, fmt, rounding=rounding, generator=gen if rounding == "stochastic" else None)
+    q = quant.quantize(scaled, fmt, rounding=rounding,
+                       generator=gen if rounding == "stochastic" else None)
     xd, qd = x.double(), q.double() * 2.0**k
     nz = xd != 0
-    measured = ((qd - xd).abs()[nz] / xd.abs()[nz]).mean().item()
+    rel = (qd - xd).abs()[nz] / xd.abs()[nz]
+    measured = rel.mean().item()
     predicted = exact_relative_error(fmt, sigma, mu, rounding, scale_exp=k)
-    assert measured == pytest.approx(predicted, rel=0.02)
+    # 2% relative, unless the sample mean itself is that noisy: stochastic rounding sends a tiny
+    # |x| below the smallest subnormal h to h with probability |x|/h, a relative error of h/|x|,
+    # so the per-sample error is heavy-tailed when much mass underflows (e2m1, sigma 3: the
+    # standard error is 2% of the mean at 2e5 samples). Then allow 4 standard errors.
+    stderr = rel.std().item() / math.sqrt(rel.numel())
+    assert abs(measured - predicted) <= max(0.02 * predicted, 4 * stderr), (measured, predicted, stderr)
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
@@ -85,6 +104,9 @@ def test_exact_error_off_centre_scales(rounding):
     gen = torch.Generator().manual_seed(11)
     x = lognormal_sample(200_000, mu, sigma, gen).float()
     for k in (-4, -1, 3):
-        q = quant.quantize(x * 2.0**-k, fmt, rounding=rounding, generator=gen if rounding == "stochastic" else None)
-        measured = ((q.double() * 2.0**k - x.double()).abs() / x.double().abs()).mean().item()
-        assert measured == pytest.approx(exact_relative_error(fmt, sigma, mu, rounding, scale_exp=k), rel=0.02)
+        q = quant.quantize(x * 2.0**-k, fmt, rounding=rounding,
+                           generator=gen if rounding == "stochastic" else None)
+        rel = (q.double() * 2.0**k - x.double()).abs() / x.double().abs()
+        predicted = exact_relative_error(fmt, sigma, mu, rounding, scale_exp=k)
+        stderr = rel.std().item() / math.sqrt(rel.numel())
+        assert abs(rel.mean().item() - predicted) <= max(0.02 * predicted, 4 * stderr)

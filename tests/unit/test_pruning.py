@@ -35,3 +35,16 @@ def test_nonfinite_pass_through_and_dtypes(gen):
 def test_bad_alpha(alpha, gen):
     with pytest.raises(ValueError, match="alpha must be a positive finite number"):
         stochastic_prune(torch.ones(3), alpha, gen)
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.85, 0.95])
+def test_prune_to_sparsity_reaches_the_target(sparsity):
+    from gradcomp import prune_to_sparsity
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500_000, generator=g).mul(2.0).sub(6.0).exp()
+    x *= torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
+    out, alpha = prune_to_sparsity(x, sparsity, key=5)
+    assert abs((out == 0).double().mean().item() - sparsity) < 0.005
+    kept = out[(out != 0) & (out.abs() != alpha)]
+    assert (kept.abs() > alpha).all()
