@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch
 import gradcomp
 from gradcomp import codecs as C
 from gradcomp.codecs.base import fit_or_none
+from gradcomp.env import environment
 
 
 def codec_list() -> list[tuple[str, C.Codec]]:
@@ -74,16 +74,14 @@ def measure(numel: int, sigma: float, keys: int) -> dict:
             "plan": {k: (v if isinstance(v, (int, float, str, type(None))) else str(v))
                      for k, v in codec.describe(plan).items()},
         })
-    return {"environment": {"torch": torch.__version__, "gradcomp": gradcomp.__version__,
-                            "python": platform.python_version(), "cores": os.cpu_count(),
-                            "threads": torch.get_num_threads()},
+    return {"environment": environment(),
             "numel": numel, "sigma": sigma, "keys": keys,
             "fit": {"mu": fit.mu, "sigma": fit.sigma}, "results": rows}
 
 
 def markdown(r: dict) -> str:
     lines = [f"# Codec bits and error ({r['numel']:,} elements, |g| lognormal, sigma {r['sigma']})", "",
-             f"torch {r['environment']['torch']}, {r['environment']['threads']} thread(s); "
+             f"torch {r['environment']['torch']}, {r['environment']['torch_threads']} thread(s), {r['environment']['cpu']}; "
              f"bias = ||mean of {r['keys']} encodes - x|| / ||x|| (shrinks like 1/sqrt(keys) if unbiased)", "",
              "| codec | bits/element | NMSE | mean rel. error | bias | encode ms | decode ms | plan |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 import gradcomp
 from gradcomp import FPFormat
 from gradcomp.packing import pack_unchecked, unpack
+from gradcomp.env import environment
 from gradcomp.rng import derive_key
 
 
@@ -53,26 +53,6 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "gradcomp": gradcomp.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def run(numel: int, repeats: int, threads: list[int], progress: bool) -> dict:

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gradcomp import env
+
 from gradcomp.codecs import (Codec, FPCodec, PruneCodec, PruneFPCodec, TopKCodec,
                              decode_payload)
 from gradcomp.rng import derive_key
@@ -147,17 +149,9 @@ def run(numel: int, ranks: list[int], trials: int, sigma: float, rho: float, agr
 
 
 def environment() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu} "
-            f"({os.cpu_count()} cores), python {platform.python_version()}")
+    e = env.environment()
+    return (f"torch {e['torch']}, {e['torch_threads']} thread(s), CPU: {e['cpu']} "
+            f"({e['cores']} cores), python {e['python']}")
 
 
 def markdown(rows: list[dict], args, seconds: float) -> str:

@@ -78,26 +78,12 @@ _MIN_SIGMA = 1e-9
 # validation
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return out
-
-
 def _sigma(value) -> float:
-    out = _real(value, "sigma")
-    if out < 0:
-        raise ValueError(f"sigma must be >= 0 (std of ln|x|, natural log), got {value!r}")
-    return max(out, _MIN_SIGMA)
+    return max(lognormal._sigma(value), _MIN_SIGMA)
 
 
-def _rounding(value) -> str:
-    if value not in _ROUNDING:
-        raise ValueError(f"rounding must be one of {_ROUNDING}, got {value!r}")
-    return value
+_real = lognormal._real
+_rounding = lognormal._rounding
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,15 +34,6 @@ from gradcomp.lognormal import (
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Small tensors: on a busy 2-core machine intra-op threads only add contention. Restored.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def lognormal_sample(n, mu, sigma, seed, dtype=torch.float64):
     """``sign * exp(mu + sigma * z)`` with random signs, from a local generator."""
     g = torch.Generator().manual_seed(seed)

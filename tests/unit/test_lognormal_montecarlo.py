@@ -16,16 +16,6 @@ from gradcomp.formats import FPFormat
 from gradcomp.lognormal import exact_relative_error, fit, scale_exponent, threshold_for_sparsity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tensors here are small (2e5); on a busy 2-core machine intra-op threads only add
-    # contention (measured 10-40x slower elementwise ops). Restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def lognormal_sample(n, mu, sigma, gen):
     """``sign * exp(mu + sigma * z)`` in float64 with random signs."""
     z = torch.randn(n, generator=gen, dtype=torch.float64)
