@@ -118,6 +118,7 @@ class CompressionState:
         self.collective = choose_collective(collective, codec, 2)  # validates early
         if dist.is_available() and dist.is_initialized():
             self._bind_group()
+            self._check_same_settings_on_all_ranks()
         self.step = 0
         self._param_keys: dict[int, int] = {}  # id(parameter) -> position in the model
         self._fits: dict[tuple, lognormal.LognormalFit | None] = {}  # (bucket, phase, shard)
@@ -136,6 +137,24 @@ class CompressionState:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.collective = choose_collective(self.collective_setting, self.codec, self.world_size)
+
+    def _check_same_settings_on_all_ranks(self) -> None:
+        """Fail now, on every rank, if ranks were given different settings.
+
+        Different collectives or codecs on different ranks would otherwise pair mismatched
+        collectives mid-training (a hang or garbage). One small all-gather at construction.
+        """
+        if self.world_size <= 1:
+            return
+        mine = repr(sorted(self._config().items()))
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.process_group)
+        if any(other != mine for other in everyone):
+            raise ValueError(
+                "gradcomp: ranks built CompressionState with different settings; every rank must "
+                "use the same codec and options, or their collectives would not match. Settings "
+                "by rank: " + "; ".join(f"{r}: {c}" for r, c in enumerate(everyone))
+            )
 
     def bind_model(self, model: torch.nn.Module) -> None:
         """Key residuals by parameter position in ``model`` (needed to checkpoint error feedback)."""

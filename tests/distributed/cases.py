@@ -240,3 +240,26 @@ def async_case(rank: int, world: int) -> dict:
     t_done = time.perf_counter() - t0
     state.close()
     return {"submit_s": t_submit, "done_early": done_early, "done_s": t_done}
+
+
+def reduce_feedback_case(rank: int, world: int, steps: int) -> dict:
+    """A biased second phase (TopK on the reduced mean): reduce-side feedback repairs it."""
+    out = {}
+    for ef in (False, "reduce"):
+        state = gradcomp.CompressionState(C.FPCodec(8), warmup_steps=0, error_feedback=ef,
+                                          collective="two_phase", reduce_codec=C.TopKCodec(0.1))
+        x = rank_input(3000, rank, sigma=0.5)
+        acc = torch.zeros(3000, dtype=torch.float64)
+        for _ in range(steps):
+            acc += reduce_once(state, x).double()
+        out[ef] = acc / steps
+        state.close()
+    return out
+
+
+def mismatch_case(rank: int, world: int) -> str:
+    try:
+        gradcomp.CompressionState(C.FPCodec(6 if rank == 0 else 5))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"

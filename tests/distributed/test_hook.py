@@ -134,3 +134,18 @@ def test_hook_returns_before_communication_completes(tmp_path):
     r0 = spawn(2, cases.async_case, tmp_path)[0]
     assert r0["submit_s"] < 0.2 and not r0["done_early"], r0
     assert r0["done_s"] > 0.5, r0  # it waited for rank 1, on the worker thread
+
+
+def test_reduce_side_error_feedback(tmp_path):
+    world, steps = 3, 150
+    results = spawn(world, cases.reduce_feedback_case, tmp_path, steps)
+    exact = torch.stack(cases.inputs_for(world, 3000, sigma=0.5)).double().mean(0)
+    err = {ef: ((avg - exact).norm() / exact.norm()).item() for ef, avg in results[0].items()}
+    assert err[False] > 0.3, err  # TopK(0.1) of the mean drops most of it, every step
+    assert err["reduce"] < 0.1, err
+
+
+def test_ranks_with_different_settings_fail_at_construction(tmp_path):
+    messages = spawn(2, cases.mismatch_case, tmp_path)
+    for m in messages:
+        assert "different settings" in m and "FPCodec(bits=6" in m and "FPCodec(bits=5" in m
