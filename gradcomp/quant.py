@@ -114,9 +114,10 @@ def _encode_bits(
         binade = torch.where(ef == 0, lsb + sig_exp.to(src.int_dtype), binade)
     top = binade.clamp(min=fmt.min_exponent)  # binade on the target grid
     drop = top - m - lsb  # low bits of sig below the target's last place
-    if fmt.min_subnormal_exponent + scale_exp < 1 - src.bias - src.man_bits:
-        # A scale can lift source subnormals into binades finer than their own bits: shift the
-        # significand left so at least one (zero) bit is dropped; rounding stays exact.
+    if fmt.min_subnormal_exponent + scale_exp <= 1 - src.bias - src.man_bits:
+        # A scale can lift source subnormals into binades as fine as (or finer than) their own
+        # bits: shift the significand left so at least one (zero) bit is dropped, which the
+        # rounding arithmetic needs (a shift by -1 is undefined); rounding stays exact.
         left = (1 - drop).clamp(min=0)
         sig, drop = sig << left, drop + left
     if stochastic:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import lognormal
+from .. import kernels, lognormal
 from ..formats import FPFormat
 from ..packing import pack_unchecked, packed_size, unpack
 from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
@@ -163,7 +163,14 @@ def cover_max(plan: FPPlan, xs: torch.Tensor) -> FPPlan:
 
 
 def encode_fp_values(xs: torch.Tensor, plan: FPPlan, stochastic: bool, key: int) -> torch.Tensor:
-    """Packed FP codes of the float32 tensor ``xs`` under ``plan`` (NaN saturates; flag it)."""
+    """Packed FP codes of the float32 tensor ``xs`` under ``plan`` (NaN saturates; flag it).
+
+    Uses the fused native kernel where it applies (:mod:`gradcomp.kernels`, bit-identical),
+    the eager tensor code otherwise.
+    """
+    fast = kernels.encode_pack(xs, plan.fmt, stochastic, key, plan.scale_exp) if xs.numel() else None
+    if fast is not None:
+        return fast
     x32, src = _as_source(xs)
     codes = _encode_bits(x32, src, plan.fmt, stochastic, key, plan.scale_exp)
     return pack_unchecked(codes, plan.fmt.bits)
@@ -172,8 +179,11 @@ def encode_fp_values(xs: torch.Tensor, plan: FPPlan, stochastic: bool, key: int)
 def decode_fp_values(packed: torch.Tensor, fmt: FPFormat, scale_exp: int, numel: int,
                      out: torch.Tensor) -> None:
     """Write the values of ``numel`` packed ``fmt`` codes, times ``2**scale_exp``, into ``out``."""
+    table = decode_table(fmt, packed.device, scale_exp)
+    if numel and kernels.unpack_decode(packed, table, fmt.bits, out):
+        return
     codes = unpack(packed, fmt.bits, numel)
-    torch.index_select(decode_table(fmt, packed.device, scale_exp), 0, codes.to(torch.int64), out=out)
+    torch.index_select(table, 0, codes.to(torch.int64), out=out)
 
 
 class FPCodec(Codec):

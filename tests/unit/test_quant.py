@@ -182,3 +182,13 @@ def test_scale_exp_keeps_tiny_float32_values():
     # And with a scale that puts them in the subnormal range of the format.
     x = torch.tensor([2.0**-149, 2.0**-140], dtype=torch.float32)
     assert encode(x, E4M3, scale_exp=-140).tolist() == [1, 0b0111000]  # 2**-9 is min_subnormal
+
+
+def test_scale_at_the_float32_subnormal_boundary():
+    # The scaled format's smallest subnormal equals float32's (2**-149): every float32
+    # subnormal is then exactly on the grid, and zero stays zero (this once computed 1 << -1).
+    fmt = FPFormat(2, 0)  # min_subnormal_exponent 0
+    x = torch.tensor([0.0, -0.0, 2.0**-149, 2.0**-148, 3 * 2.0**-149], dtype=torch.float32)
+    # 3 is a tie between 2 (code 2) and 4 (code 3): the even code wins.
+    assert quantize(x, fmt, scale_exp=-149).tolist() == [0.0, -0.0, 2.0**-149, 2.0**-148, 2.0**-148]
+    assert encode(x, fmt, scale_exp=-149).tolist()[:2] == [0, 4]
