@@ -2,7 +2,12 @@
 
 Throughput is GB/s of float32 input (4 bytes per element), for one thread and for all cores.
 memcpy is ``dst.copy_(src)`` into a preallocated float32 buffer of the same size: the
-memory-bandwidth yardstick the codec ratios are quoted against.
+memory-bandwidth yardstick the codec ratios are quoted against. Two kinds of rows:
+
+* format rows (``fp6_e3m2_*``): the FP kernels alone, on the native fused path
+  (:mod:`gradcomp.kernels`) and on the eager reference path;
+* codec rows (``codec:...``): every codec's full ``encode`` (header, fit-derived plan given,
+  no-saturation check, pruning/positions) and ``decode_payload`` into a preallocated buffer.
 
     python benchmarks/codec_throughput.py                 # Markdown table
     python benchmarks/codec_throughput.py --json          # machine-readable, to stdout
@@ -24,7 +29,6 @@ import torch
 
 import gradcomp
 from gradcomp import FPFormat
-from gradcomp.packing import pack_unchecked, unpack
 from gradcomp.env import environment
 from gradcomp.rng import derive_key
 
@@ -55,36 +59,66 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(numel: int, repeats: int, threads: list[int], progress: bool) -> dict:
+def _codecs() -> list[tuple[str, object]]:
+    from gradcomp import codecs as C
+
+    return [("IdentityCodec()", C.IdentityCodec()), ("HalfCodec()", C.HalfCodec()),
+            ("FPCodec(8)", C.FPCodec(8)), ("FPCodec(6)", C.FPCodec(6)), ("FPCodec(4)", C.FPCodec(4)),
+            ("PruneCodec(0.85)", C.PruneCodec(0.85)), ("PruneFPCodec(0.85, 6)", C.PruneFPCodec(0.85, 6)),
+            ("BudgetCodec(1.5)", C.BudgetCodec(1.5)), ("TopKCodec(0.01)", C.TopKCodec(0.01))]
+
+
+def run(numel: int, repeats: int, threads: list[int], progress: bool, paths: list[str]) -> dict:
+    from gradcomp import kernels
+    from gradcomp.codecs import decode_payload
+    from gradcomp.codecs.base import fit_or_none
+    from gradcomp.codecs.dense import FPPlan, decode_fp_values, encode_fp_values
+
     gen = torch.Generator().manual_seed(0)
-    # Gradient-like input: lognormal magnitudes with random signs, scaled into the format range.
-    x = torch.randn(numel, generator=gen).mul_(2.0).exp_()
+    # Gradient-like input: lognormal magnitudes with random signs.
+    x = torch.randn(numel, generator=gen).mul_(2.0).sub_(7.0).exp_()
     x *= torch.where(torch.rand(numel, generator=gen) < 0.5, -1.0, 1.0)
     dst = torch.empty_like(x)
+    out = torch.empty_like(x)
     gb = numel * 4 / 1e9
+    fit = fit_or_none(x)
     rows = []
+
+    def row(name, fmt_name, rounding, nthreads, memcpy_s, enc_s, dec_s, path):
+        rows.append({
+            "case": name, "format": fmt_name, "rounding": rounding, "threads": nthreads,
+            "numel": numel, "path": path, "memcpy_gbps": gb / memcpy_s,
+            "encode_pack_gbps": gb / enc_s, "unpack_decode_gbps": gb / dec_s,
+            "encode_pack_vs_memcpy": memcpy_s / enc_s, "unpack_decode_vs_memcpy": memcpy_s / dec_s,
+        })
+
     for nthreads in threads:
         torch.set_num_threads(nthreads)
         memcpy_s = _time(lambda: dst.copy_(x), repeats)
-        for case in CASES:
+        for path in paths:
+            if path == "native" and not kernels.warmup():
+                print("  native kernels unavailable: skipping native rows", file=sys.stderr)
+                continue
+            os.environ["GRADCOMP_KERNELS"] = path
+            for case in CASES:
+                if progress:
+                    print(f"  {nthreads} thread(s), {path}: {case.name} ...", file=sys.stderr, flush=True)
+                plan = FPPlan(case.fmt, -9)
+                st = case.rounding == "stochastic"
+                packed = encode_fp_values(x, plan, st, derive_key(1))
+                enc_s = _time(lambda: encode_fp_values(x, plan, st, derive_key(1)), repeats)
+                dec_s = _time(lambda: decode_fp_values(packed, case.fmt, -9, numel, out), repeats)
+                row(case.name, case.fmt.name, case.rounding, nthreads, memcpy_s, enc_s, dec_s, path)
+        os.environ["GRADCOMP_KERNELS"] = "auto"
+        for name, codec in _codecs():
             if progress:
-                print(f"  {nthreads} thread(s): {case.name} ...", file=sys.stderr, flush=True)
-            key = derive_key(1) if case.rounding == "stochastic" else None
-            kw = {"key": key} if key is not None else {}
-            bits = case.fmt.bits
-            packed = pack_unchecked(gradcomp.encode(x, case.fmt, case.rounding, nan_check=False, **kw), bits)
-            enc_s = _time(lambda: pack_unchecked(
-                gradcomp.encode(x, case.fmt, case.rounding, nan_check=False, **kw), bits), repeats)
-            dec_s = _time(lambda: gradcomp.decode(unpack(packed, bits, numel), case.fmt), repeats)
-            rows.append({
-                "case": case.name, "format": case.fmt.name, "rounding": case.rounding,
-                "threads": nthreads, "numel": numel,
-                "memcpy_gbps": gb / memcpy_s,
-                "encode_pack_gbps": gb / enc_s, "unpack_decode_gbps": gb / dec_s,
-                "encode_pack_vs_memcpy": memcpy_s / enc_s,
-                "unpack_decode_vs_memcpy": memcpy_s / dec_s,
-                "path": "eager",
-            })
+                print(f"  {nthreads} thread(s): codec {name} ...", file=sys.stderr, flush=True)
+            plan = codec.plan(fit) if codec.uses_fit else None
+            payload = codec.encode(x, key=1, plan=plan)
+            enc_s = _time(lambda: codec.encode(x, key=1, plan=plan), repeats)
+            dec_s = _time(lambda: decode_payload(payload, numel, out=out), repeats)
+            row("codec:" + name, codec.describe(plan).get("format") or "", "", nthreads, memcpy_s,
+                enc_s, dec_s, "auto")
     return {"environment": environment(), "numel": numel, "repeats": repeats, "results": rows}
 
 
@@ -95,12 +129,12 @@ def markdown(report: dict) -> str:
         "",
         f"CPU: {env['cpu']}, {env['cores']} cores; torch {env['torch']}; python {env['python']}",
         "",
-        "| case | threads | memcpy GB/s | encode+pack GB/s (x memcpy) | unpack+decode GB/s (x memcpy) |",
-        "|---|---:|---:|---:|---:|",
+        "| case | path | threads | memcpy GB/s | encode GB/s (x memcpy) | decode GB/s (x memcpy) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['case']} | {r['threads']} | {r['memcpy_gbps']:.2f} | "
+            f"| {r['case']} | {r['path']} | {r['threads']} | {r['memcpy_gbps']:.2f} | "
             f"{r['encode_pack_gbps']:.3f} ({r['encode_pack_vs_memcpy']:.3f}) | "
             f"{r['unpack_decode_gbps']:.3f} ({r['unpack_decode_vs_memcpy']:.3f}) |"
         )
@@ -113,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     p.add_argument("--threads", type=str, default=f"1,{os.cpu_count()}",
                    help="comma-separated thread counts (default: 1 and all cores)")
+    p.add_argument("--paths", type=str, default="native,eager",
+                   help="FP kernel paths to time for the format rows (default native,eager)")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     p.add_argument("--output", type=str, default=None, help="also write the JSON report here")
     args = p.parse_args(argv)
@@ -124,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads must be comma-separated integers, got {args.threads!r}")
     if not threads or min(threads) < 1:
         p.error("--threads must be positive integers")
-    report = run(args.numel, args.repeats, threads, progress=not args.json)
+    paths = [p.strip() for p in args.paths.split(",")]
+    if not paths or any(p not in ("native", "eager") for p in paths):
+        p.error(f"--paths must list native and/or eager, got {args.paths!r}")
+    report = run(args.numel, args.repeats, threads, progress=not args.json, paths=paths)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)

@@ -62,10 +62,12 @@ def make_header(
     x: torch.Tensor,
     fmt: FPFormat | None = None,
     scale_exp: int = 0,
+    nonfinite: bool | None = None,
 ) -> torch.Tensor:
-    """Return the 8-byte header for a payload of ``x`` on ``x``'s device (no host sync).
+    """Return the 8-byte header for a payload of ``x`` on ``x``'s device.
 
-    The non-finite flag is computed on the device from ``x`` and written as a tensor.
+    The non-finite flag is ``nonfinite`` when the caller already knows it (one pass saved),
+    else computed on the device from ``x`` without a host sync.
     """
     e = fmt.exp_bits if fmt is not None else 0
     m = fmt.man_bits if fmt is not None else 0
@@ -75,6 +77,9 @@ def make_header(
     k = scale_exp & 0xFFFF
     static = torch.tensor([int(tag), 0, e, m, k & 0xFF, k >> 8, bias_off & 0xFF, 0],
                           dtype=torch.uint8, device=x.device)
+    if nonfinite is not None:
+        static[1] = FLAG_NONFINITE if nonfinite else 0
+        return static
     flag = has_nonfinite(x).to(torch.uint8) * FLAG_NONFINITE
     return torch.cat([static[:1], flag.view(1), static[2:]])
 

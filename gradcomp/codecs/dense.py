@@ -150,7 +150,20 @@ def min_scale_exp(amax: float, fmt: FPFormat) -> int:
     return k
 
 
-def cover_max(plan: FPPlan, xs: torch.Tensor) -> FPPlan:
+def abs_max_and_nonfinite(xs: torch.Tensor) -> tuple[float, bool]:
+    """``(max |x|, any inf/NaN)`` from one fused min/max pass (one host sync).
+
+    When ``xs`` holds an inf or NaN the max is not meaningful, but then the payload decodes to
+    NaN anyway (the header flag), so the encoder only needs it when it is finite.
+    """
+    if xs.numel() == 0:
+        return 0.0, False
+    mn, mx = torch.aminmax(xs)
+    amax = max(-float(mn), float(mx))
+    return amax, not math.isfinite(amax)
+
+
+def cover_max(plan: FPPlan, xs: torch.Tensor, amax: float | None = None) -> FPPlan:
     """Return ``plan`` with its scale raised, if needed, so that no finite value of ``xs`` saturates.
 
     The fitted scale minimizes the mean relative error, which can sacrifice the few largest
@@ -158,7 +171,7 @@ def cover_max(plan: FPPlan, xs: torch.Tensor) -> FPPlan:
     biases the update. So the scale is never below what keeps ``max|x|`` on the grid. Checked on
     every encode (one reduction), so a plan cached since the last refit cannot clip either.
     """
-    k = min_scale_exp(max_finite_abs(xs), plan.fmt)
+    k = min_scale_exp(max_finite_abs(xs) if amax is None else amax, plan.fmt)
     return plan if k <= plan.scale_exp else FPPlan(plan.fmt, k, None)
 
 
@@ -229,8 +242,9 @@ class FPCodec(Codec):
         xs = check_shard(x, "FPCodec.encode")
         if plan is None:
             plan = self.plan(fit_or_none(xs))
-        plan = cover_max(plan, xs)
-        header = make_header(self.tag, xs, plan.fmt, plan.scale_exp)
+        amax, nonfinite = abs_max_and_nonfinite(xs)
+        plan = cover_max(plan, xs, amax if not nonfinite else 0.0)
+        header = make_header(self.tag, xs, plan.fmt, plan.scale_exp, nonfinite=nonfinite)
         return torch.cat([header, encode_fp_values(xs, plan, self.stochastic, key)])
 
     def wire_bytes(self, numel: int) -> int:
