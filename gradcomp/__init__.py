@@ -8,7 +8,7 @@ Numerics core: :class:`FPFormat`, :func:`quantize`, :func:`encode`, :func:`decod
 toolkit (fits, KS tests, pruning thresholds, optimal exponent/mantissa split).
 """
 
-from . import codecs, collectives, lognormal, rng
+from . import codecs, collectives, lognormal, nn, rng
 from .formats import FPFormat
 from .hook import CompressionState, compression_hook, register
 from .packing import pack, packed_size, unpack
@@ -29,6 +29,7 @@ __all__ = [
     "encode",
     "has_nonfinite",
     "lognormal",
+    "nn",
     "pack",
     "packed_size",
     "prune_to_sparsity",
