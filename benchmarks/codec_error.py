@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
-import gradcomp
 from gradcomp import codecs as C
 from gradcomp.codecs.base import fit_or_none
-from gradcomp.env import environment
+from gradcomp.env import environment, write_report
 
 
 def codec_list() -> list[tuple[str, C.Codec]]:
@@ -106,12 +104,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     r = measure(a.numel, a.sigma, a.keys)
     md = markdown(r)
-    if a.output:
-        os.makedirs(a.output, exist_ok=True)
-        with open(os.path.join(a.output, "codec_error.json"), "w") as f:
-            json.dump(r, f, indent=2)
-        with open(os.path.join(a.output, "codec_error.md"), "w") as f:
-            f.write(md + "\n")
+    write_report(a.output, "codec_error", r, md)
     print(json.dumps(r, indent=2) if a.json else md)
     return 0
 

@@ -22,12 +22,11 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-import gradcomp
 from gradcomp import FPFormat
 from gradcomp.env import environment
 from gradcomp.rng import derive_key

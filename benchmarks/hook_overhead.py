@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradcomp.env import environment
+from gradcomp.env import environment, write_report
 
 METHODS = ["fp32 (no hook)", "torch fp16_compress_hook", "FPCodec(8)", "FPCodec(6)",
            "PruneFPCodec(0.85, 6)", "BudgetCodec(1.5)"]
@@ -109,12 +109,7 @@ def main(argv=None) -> int:
         lines.append(f"| {m} | {r['bits_per_element']:.2f} | {r['p50_s'] * 1e3:.0f} | "
                      f"{r['p90_s'] * 1e3:.0f} | {r['p50_s'] / base:.2f} |")
     md = "\n".join(lines)
-    if a.output:
-        os.makedirs(a.output, exist_ok=True)
-        with open(os.path.join(a.output, "hook_overhead.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(a.output, "hook_overhead.md"), "w") as f:
-            f.write(md + "\n")
+    write_report(a.output, "hook_overhead", report, md)
     print(md)
     return 0
 

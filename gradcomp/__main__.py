@@ -11,7 +11,6 @@ import time
 import torch
 
 from . import lognormal
-from .formats import FPFormat
 from .packing import pack, unpack
 from .pruning import prune_to_sparsity
 from .quant import decode, encode

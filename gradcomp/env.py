@@ -36,3 +36,16 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["cuda_device"] = torch.cuda.get_device_name()
     return env
+
+
+def write_report(directory: str | None, stem: str, data: dict, markdown: str) -> None:
+    """Write ``{stem}.json`` and ``{stem}.md`` into ``directory`` (created); no-op for ``None``."""
+    import json
+
+    if directory is None:
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{stem}.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    with open(os.path.join(directory, f"{stem}.md"), "w") as f:
+        f.write(markdown + "\n")

@@ -38,8 +38,7 @@ import torch.distributed as dist
 from . import lognormal
 from .codecs import Codec, decode_payload
 from .codecs.base import ShardFit, fit_or_none
-from .collectives import (allgather_mean, allreduce_mean, choose_collective, shard_bounds,
-                          two_phase_mean)
+from .collectives import allgather_mean, allreduce_mean, choose_collective, two_phase_mean
 from .codecs.dense import IdentityCodec
 from .rng import derive_key
 

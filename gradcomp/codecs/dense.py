@@ -12,7 +12,7 @@ from ..formats import FPFormat
 from ..packing import pack_unchecked, packed_size, unpack
 from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
 from .base import (HEADER_BYTES, Codec, CodecTag, Header, check_shard, fit_or_none,
-                   make_header, nan_fill_if, prepare_out)
+                   make_header)
 
 
 class IdentityCodec(Codec):

@@ -24,8 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 import gradcomp
 from gradcomp import codecs as C
-from gradcomp.collectives import expected_bytes_sent, shard_bounds
+from gradcomp.collectives import shard_bounds
 
 from .harness import FakeBucket
 
@@ -199,19 +198,22 @@ def train_digits(rank: int, world: int, runs: list, epochs: int) -> dict:
     return accs
 
 
+def _mean_over_steps(make_state, rank: int, numel: int, steps: int) -> torch.Tensor:
+    """Mean of the reduced output of the same input over ``steps`` steps (fresh keys each)."""
+    state = make_state()
+    x = rank_input(numel, rank, sigma=0.5)
+    acc = torch.zeros(numel, dtype=torch.float64)
+    for _ in range(steps):
+        acc += reduce_once(state, x).double()
+    state.close()
+    return acc / steps
+
+
 def topk_feedback_case(rank: int, world: int, steps: int) -> dict:
     """TopK is biased; with error feedback the running mean of its outputs still converges."""
-    out = {}
-    for ef in (False, True):
-        state = gradcomp.CompressionState(C.TopKCodec(0.05), warmup_steps=0, error_feedback=ef,
-                                          collective="allgather")
-        x = rank_input(2000, rank, sigma=0.5)
-        acc = torch.zeros(2000, dtype=torch.float64)
-        for _ in range(steps):
-            acc += reduce_once(state, x).double()
-        out[ef] = acc / steps
-        state.close()
-    return out
+    return {ef: _mean_over_steps(lambda: gradcomp.CompressionState(
+        C.TopKCodec(0.05), warmup_steps=0, error_feedback=ef, collective="allgather"), rank, 2000, steps)
+        for ef in (False, True)}
 
 
 def world_one_case(rank: int, world: int) -> dict:
@@ -244,17 +246,9 @@ def async_case(rank: int, world: int) -> dict:
 
 def reduce_feedback_case(rank: int, world: int, steps: int) -> dict:
     """A biased second phase (TopK on the reduced mean): reduce-side feedback repairs it."""
-    out = {}
-    for ef in (False, "reduce"):
-        state = gradcomp.CompressionState(C.FPCodec(8), warmup_steps=0, error_feedback=ef,
-                                          collective="two_phase", reduce_codec=C.TopKCodec(0.1))
-        x = rank_input(3000, rank, sigma=0.5)
-        acc = torch.zeros(3000, dtype=torch.float64)
-        for _ in range(steps):
-            acc += reduce_once(state, x).double()
-        out[ef] = acc / steps
-        state.close()
-    return out
+    return {ef: _mean_over_steps(lambda: gradcomp.CompressionState(
+        C.FPCodec(8), warmup_steps=0, error_feedback=ef, collective="two_phase",
+        reduce_codec=C.TopKCodec(0.1)), rank, 3000, steps) for ef in (False, "reduce")}
 
 
 def mismatch_case(rank: int, world: int) -> str:

@@ -1,12 +1,9 @@
 """The compression hook on spawned gloo ranks: exactness, bytes, replicas, edge cases."""
 
-import math
-
 import pytest
 import torch
 
 import gradcomp
-from gradcomp import codecs as C
 from gradcomp.collectives import expected_bytes_sent
 
 from . import cases
