@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .codecs import Codec, decode_payload
+from .codecs import Codec, HalfCodec, decode_payload
 
 COLLECTIVES = ("auto", "two_phase", "allgather", "allreduce")
 
@@ -119,8 +119,6 @@ Encoder = Callable[[int, int, int], torch.Tensor]  # (shard j, start, stop) -> p
 def allreduce_mean(buffer: torch.Tensor, codec: Codec, group) -> ReduceStats:
     """Average ``buffer`` in place with a plain all-reduce (fp32, or fp16 for a HalfCodec)."""
     n = dist.get_world_size(group)
-    from .codecs import HalfCodec
-
     if isinstance(codec, HalfCodec):
         half = buffer.to(torch.float16).div_(n)  # divide first: the fp16 sum must not overflow
         dist.all_reduce(half, group=group)

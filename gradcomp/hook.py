@@ -54,7 +54,6 @@ def _check_int(value, name: str, lo: int) -> int:
 
 @dataclass
 class _Stats:
-    steps: int = 0
     bytes_sent: int = 0
     dense_bytes: float = 0.0
     payload_bytes: int = 0
@@ -202,8 +201,6 @@ class CompressionState:
             self.step += 1
         fut: torch.futures.Future = torch.futures.Future()
         if self.world_size == 1:  # nothing crosses a network
-            with self._lock:
-                self._stats.steps = self.step
             fut.set_result(buffer)
             return fut
         if self._executor is None:
@@ -303,7 +300,6 @@ class CompressionState:
     def _account(self, index, step, numel, rs, dense, collective, compressed) -> None:
         with self._lock:
             st = self._stats
-            st.steps = max(st.steps, step + 1)
             st.bytes_sent += rs.bytes_sent
             st.dense_bytes += dense
             if compressed:
@@ -401,7 +397,7 @@ class CompressionState:
         self._reduce_residuals = {
             int(b): (tuple(sd["reduce_residual_layouts"][b]), t) for b, t in sd["reduce_residuals"].items()}
         st = sd["stats"]
-        self._stats = _Stats(steps=self.step, bytes_sent=int(st["bytes_sent"]),
+        self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
                              dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),
                              payload_elements=int(st["payload_elements"]))
 

@@ -131,7 +131,9 @@ class GradQuant(nn.Module):
         if self.sparsity and self.alpha is not None:
             out = stochastic_prune(out, self.alpha, key=derive_key(self.seed, step, self.index, 1))
         if self.plan is not None:
-            plan = cover_max(self.plan, out, amax)
+            # Pruned entries are +-alpha, which can exceed the gradient's own max.
+            top = max(amax, self.alpha) if self.sparsity and self.alpha is not None else amax
+            plan = cover_max(self.plan, out, top)
             kw = {"key": derive_key(self.seed, step, self.index, 2)} if self.rounding == "stochastic" else {}
             out = quantize(out, plan.fmt, self.rounding, scale_exp=plan.scale_exp, **kw)
         return out.to(grad.dtype)

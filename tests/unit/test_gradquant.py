@@ -109,3 +109,15 @@ def test_convert_gradquant_wraps_layers_and_keeps_training():
 def test_validation(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         GradQuant(**kwargs)
+
+
+def test_pruned_alpha_entries_do_not_saturate():
+    # Equal magnitudes (a point mass): at 90% sparsity alpha = 10x the largest |g|, about 10%
+    # of the entries come back as +-alpha, and they must not be clipped to the scale of |g|.
+    g = torch.full((10_000,), 1e-3) * torch.where(torch.arange(10_000) % 2 == 0, 1.0, -1.0)
+    gq = GradQuant(bits=4, sparsity=0.9, rounding="nearest")
+    out = _grad_through(gq, g)
+    nz = out[out != 0].abs()
+    assert gq.alpha > 5 * g.abs().max()
+    assert 500 < nz.numel() < 1500
+    assert torch.allclose(nz, torch.full_like(nz, gq.alpha), rtol=0.13)  # e.g. 4-bit rounding of alpha
