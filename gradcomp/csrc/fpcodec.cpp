@@ -111,6 +111,7 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t start = c * kChunk, stop = std::min(n, start + kChunk);
       uint8_t* o = dst + start * bits / 8;
+      uint8_t* const chunk_end = dst + (stop * bits + 7) / 8;
       BitWriter w{o};
       for (int64_t b = start; b < stop; b += kBlock) {
         const int64_t len = std::min(kBlock, stop - b);
@@ -124,11 +125,14 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
           else for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<false, false>(s[i], base + i, f);
         }
         if (bits <= 8 && len == kBlock) {
-          // 8 codes fill exactly `bits` bytes: pack each group into one 64-bit word.
+          // 8 codes fill exactly `bits` bytes: pack each group into one 64-bit word. Store all 8
+          // bytes (a fixed-size store, not a libc call); the next group overwrites the extra
+          // zero bytes. Never past this chunk's end, which another thread owns.
           for (int64_t g = 0; g < kBlock / 8; ++g) {
             uint64_t word = 0;
             for (int j = 0; j < 8; ++j) word |= static_cast<uint64_t>(codes[g * 8 + j]) << (j * bits);
-            std::memcpy(o, &word, static_cast<size_t>(bits));
+            if (o + 8 <= chunk_end) std::memcpy(o, &word, 8);
+            else std::memcpy(o, &word, static_cast<size_t>(bits));
             o += bits;
           }
         } else {
@@ -168,7 +172,11 @@ void unpack_decode(torch::Tensor packed, torch::Tensor table, int64_t bits, torc
         // Whole groups of 8 codes: `bits` bytes, one 64-bit load each.
         for (; i + 8 <= stop; i += 8) {
           uint64_t word = 0;
-          std::memcpy(&word, src + pos, static_cast<size_t>(bits));
+          if (pos + 8 <= total_bytes) {  // fixed-size load; the extra bytes are masked off
+            std::memcpy(&word, src + pos, 8);
+          } else {
+            std::memcpy(&word, src + pos, static_cast<size_t>(bits));
+          }
           pos += bits;
           for (int j = 0; j < 8; ++j) dst[i + j] = tab[(word >> (j * bits)) & mask];
         }
