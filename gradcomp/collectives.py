@@ -113,6 +113,19 @@ class ReduceStats:
     shard_payload_bytes: tuple = ()  # phase-1 payload size per shard (two-phase)
 
 
+def _sum_in_rank_order(payloads: list[torch.Tensor], numel: int, out: torch.Tensor) -> torch.Tensor:
+    """Decode ``payloads`` and sum them into ``out`` in fp32, in rank order (the same bits on
+    every rank); the first decodes straight into ``out``, so no accumulator is zeroed or copied."""
+    if not payloads:
+        return out.zero_()
+    decode_payload(payloads[0], numel, out=out)
+    if len(payloads) > 1:
+        tmp = torch.empty_like(out)
+        for p in payloads[1:]:
+            out.add_(decode_payload(p, numel, out=tmp))
+    return out
+
+
 Encoder = Callable[[int, int, int], torch.Tensor]  # (shard j, start, stop) -> payload of x[start:stop]
 
 
@@ -141,11 +154,7 @@ def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
     n = dist.get_world_size(group)
     payload = encode(0, 0, numel)
     res = exchange([payload] * n, group, [fixed_size(numel)] * n if fixed_size is not None else None)
-    acc = torch.zeros(numel, dtype=torch.float32, device=out.device)
-    tmp = torch.empty_like(acc)
-    for p in res.received:
-        acc.add_(decode_payload(p, numel, out=tmp))
-    out.copy_(acc.div_(n))
+    _sum_in_rank_order(res.received, numel, out).div_(n)  # the payload is encoded: out is free
     return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel())
 
 
@@ -173,12 +182,9 @@ def two_phase_mean(
     recv1 = [fixed_size(own_numel)] * n if fixed_size is not None else None
     res1 = exchange(payloads, group, recv1)
 
-    acc = torch.zeros(own_numel, dtype=torch.float32, device=out.device)
-    tmp = torch.empty_like(acc)
-    for p in res1.received:  # rank order: identical float sums everywhere
-        acc.add_(decode_payload(p, own_numel, out=tmp))
-    acc.div_(n)
-    reduced = reduce_encode(acc)
+    acc = _sum_in_rank_order(res1.received, own_numel,
+                             torch.empty(own_numel, dtype=torch.float32, device=out.device))
+    reduced = reduce_encode(acc.div_(n))
 
     recv2 = [reduce_fixed_size(b - a) for a, b in bounds] if reduce_fixed_size is not None else None
     res2 = exchange([reduced] * n, group, recv2)
