@@ -1,4 +1,4 @@
-"""Command line: ``python -m gradcomp demo`` (also installed as ``gradcomp``)."""
+"""Command line: ``python -m gradcomp demo`` / ``analyze`` (also installed as ``gradcomp``)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--sparsity", type=float, default=0.85)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print the report as JSON")
+    from . import analyze
+
+    a = sub.add_parser("analyze", help="train a small model and KS-test its weight and neural "
+                       "gradients against Normal and Lognormal (the seed's table)",
+                       description=analyze.__doc__.splitlines()[0])
+    analyze.add_arguments(a)
     args = parser.parse_args(argv)
+
+    if args.command == "analyze":
+        return analyze.run_args(args, a)
 
     if args.command == "demo":
         if args.numel < 2:
