@@ -2,15 +2,20 @@
 # Set up the virtual environment (once, or again when pyproject.toml/constraints.txt change)
 # and run one of the project's jobs. Needs only python3 with venv and pip.
 #
-#   bash run.sh main [args]   the main job (python -m gradcomp demo, for now)
+#   bash run.sh main [args]   the main job: a 2-worker Ray-launched training (embedded local Ray)
+#                             of an ST 2-bit-activation ResNet on MNIST-1D with the prune-fp hook;
+#                             extra args go to gradcomp-launch (e.g. --epochs 2, --codec fp)
 #   bash run.sh test [args]   the whole test suite (pytest)
+#   bash run.sh demo [args]   the numerics demo (python -m gradcomp demo)
+#   bash run.sh setup         only set up (venv, package, Horovod build)
 #
-# Environment: GRADCOMP_VENV (default .venv), GRADCOMP_EXTRAS (default dev,bench),
+# Environment: GRADCOMP_VENV (default .venv), GRADCOMP_EXTRAS (default dev,bench,ray),
+# GRADCOMP_HOROVOD (default 1: build Horovod 0.28.1 with launch/build_horovod.sh, ~4 min once),
 # GRADCOMP_PIP_ARGS (extra pip arguments, e.g. an index with CPU torch wheels).
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${GRADCOMP_VENV:-.venv}"
-extras="${GRADCOMP_EXTRAS:-dev,bench}"
+extras="${GRADCOMP_EXTRAS:-dev,bench,ray}"
 read -r -a pip_args <<< "${GRADCOMP_PIP_ARGS:-}"
 
 setup_env() {
@@ -27,9 +32,19 @@ setup_env() {
     echo "$want" > "$stamp"
 }
 
+setup_horovod() {
+    # Idempotent: returns at once when horovod.torch already imports against this torch.
+    if [[ "${GRADCOMP_HOROVOD:-1}" == "1" ]]; then
+        bash launch/build_horovod.sh "$venv"
+    fi
+}
+
 case "${1:-}" in
-    main) shift; setup_env; exec "$venv/bin/python" -m gradcomp demo "$@" ;;
-    test) shift; setup_env; exec "$venv/bin/python" -m pytest "$@" ;;
-    setup) setup_env ;;
-    *) echo "usage: bash run.sh {main|test|setup} [args...]" >&2; exit 2 ;;
+    main) shift; setup_env
+          exec "$venv/bin/gradcomp-launch" --workers 2 --codec prune-fp --sparsity 0.85 --bits 6 \
+              --model resnet1d --act-bits 2 --dataset mnist1d --epochs 6 --output runs/main "$@" ;;
+    test) shift; setup_env; setup_horovod; exec "$venv/bin/python" -m pytest "$@" ;;
+    demo) shift; setup_env; exec "$venv/bin/python" -m gradcomp demo "$@" ;;
+    setup) setup_env; setup_horovod ;;
+    *) echo "usage: bash run.sh {main|test|demo|setup} [args...]" >&2; exit 2 ;;
 esac

@@ -21,6 +21,13 @@ needs equal sizes; an all-gather is an all_to_all whose chunks are all the same 
 
 Every rank decodes the same bytes in the same order, so all ranks end with bit-identical
 results.
+
+Transports: the algorithms move bytes only through a :class:`Transport` (an uneven all-to-all,
+an all-gather of per-rank payloads, an in-place sum all-reduce). The ``group`` argument of the
+functions below is either a ``torch.distributed`` process group (or ``None`` for the default
+group: :class:`TorchTransport`, the DDP hook's path) or a :class:`Transport` instance, such as
+:class:`gradcomp.horovod.HorovodTransport`, so the same payloads cross Horovod's
+``alltoall``/``allgather`` without a second copy of the algorithms.
 """
 
 from __future__ import annotations
@@ -81,26 +88,80 @@ class ExchangeResult:
     bytes_sent: int
 
 
+class Transport:
+    """The three operations the compressed collectives need from a communication backend.
+
+    ``rank`` and ``world_size`` describe this process in the group. Every method is blocking
+    and must be called by every rank of the group in the same order (the algorithms do).
+    Subclasses implement :meth:`all_to_all` and :meth:`all_reduce_sum_`; :meth:`all_gather`
+    defaults to an all-to-all whose chunks are all the same payload.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int] | None = None) -> ExchangeResult:
+        """Send ``chunks[j]`` (1-D uint8) to rank ``j``; return what each rank sent here, in rank order.
+
+        ``recv_sizes``, when given, are the sizes this rank will receive (known locally for
+        fixed-size codecs), which lets a transport skip its size exchange.
+        """
+        raise NotImplementedError
+
+    def all_gather(self, payload: torch.Tensor, recv_sizes: list[int] | None = None) -> ExchangeResult:
+        """Send ``payload`` (1-D uint8) to every rank; return every rank's payload, in rank order."""
+        return self.all_to_all([payload] * self.world_size, recv_sizes)
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """Replace ``tensor`` by its elementwise sum over ranks (fp32 or fp16)."""
+        raise NotImplementedError
+
+
+class TorchTransport(Transport):
+    """:class:`Transport` over a ``torch.distributed`` process group (``None``: the default group).
+
+    Variable sizes go first (one small ``all_to_all_single`` of int64), then one
+    ``all_to_all_single`` with uneven splits; gloo's ``all_gather`` needs equal sizes, so an
+    all-gather is an all-to-all of the same payload.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+
+    def all_to_all(self, chunks: list[torch.Tensor], recv_sizes: list[int] | None = None) -> ExchangeResult:
+        group, rank, n = self.group, self.rank, self.world_size
+        device = chunks[0].device
+        send_sizes = [int(c.numel()) for c in chunks]
+        if recv_sizes is None:
+            sizes_in = torch.tensor(send_sizes, dtype=torch.int64, device=device)
+            sizes_out = torch.empty(n, dtype=torch.int64, device=device)
+            dist.all_to_all_single(sizes_out, sizes_in, group=group)
+            recv_sizes = sizes_out.tolist()
+        send = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
+        recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
+                               input_split_sizes=send_sizes, group=group)
+        received = list(torch.split(recv, recv_sizes))
+        return ExchangeResult(received, sum(s for j, s in enumerate(send_sizes) if j != rank))
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=self.group)
+
+
+def as_transport(group) -> Transport:
+    """Return ``group`` if it is a :class:`Transport`, else a :class:`TorchTransport` over it."""
+    return group if isinstance(group, Transport) else TorchTransport(group)
+
+
 def exchange(chunks: list[torch.Tensor], group, recv_sizes: list[int] | None = None) -> ExchangeResult:
     """Send ``chunks[j]`` (1-D uint8) to rank ``j``; return what each rank sent here, in rank order.
 
-    ``recv_sizes`` may be given when the sizes are known locally (fixed-size codecs); otherwise
-    they are exchanged first. Blocking; call from the state's worker thread.
+    ``group``: a process group, ``None`` or a :class:`Transport`. ``recv_sizes`` may be given
+    when the sizes are known locally (fixed-size codecs); otherwise they are exchanged first.
+    Blocking; call from the state's worker thread.
     """
-    rank, n = dist.get_rank(group), dist.get_world_size(group)
-    device = chunks[0].device
-    send_sizes = [int(c.numel()) for c in chunks]
-    if recv_sizes is None:
-        sizes_in = torch.tensor(send_sizes, dtype=torch.int64, device=device)
-        sizes_out = torch.empty(n, dtype=torch.int64, device=device)
-        dist.all_to_all_single(sizes_out, sizes_in, group=group)
-        recv_sizes = sizes_out.tolist()
-    send = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
-    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
-                           input_split_sizes=send_sizes, group=group)
-    received = list(torch.split(recv, recv_sizes))
-    return ExchangeResult(received, sum(s for j, s in enumerate(send_sizes) if j != rank))
+    return as_transport(group).all_to_all(chunks, recv_sizes)
 
 
 @dataclass
@@ -131,14 +192,15 @@ Encoder = Callable[[int, int, int], torch.Tensor]  # (shard j, start, stop) -> p
 
 def allreduce_mean(buffer: torch.Tensor, codec: Codec, group) -> ReduceStats:
     """Average ``buffer`` in place with a plain all-reduce (fp32, or fp16 for a HalfCodec)."""
-    n = dist.get_world_size(group)
+    transport = as_transport(group)
+    n = transport.world_size
     if isinstance(codec, HalfCodec):
         half = buffer.to(torch.float16).div_(n)  # divide first: the fp16 sum must not overflow
-        dist.all_reduce(half, group=group)
+        transport.all_reduce_sum_(half)
         buffer.copy_(half)
         payload = 2 * buffer.numel()
     else:
-        dist.all_reduce(buffer, group=group)
+        transport.all_reduce_sum_(buffer)
         buffer.div_(n)
         payload = 4 * buffer.numel()
     return ReduceStats(bytes_sent=round(2 * (n - 1) / n * payload), payload_bytes=payload)
@@ -151,9 +213,10 @@ def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
     ``encode(0, 0, numel)`` encodes this rank's bucket; every rank decodes the N payloads and
     sums them in fp32 in rank order.
     """
-    n = dist.get_world_size(group)
+    transport = as_transport(group)
+    n = transport.world_size
     payload = encode(0, 0, numel)
-    res = exchange([payload] * n, group, [fixed_size(numel)] * n if fixed_size is not None else None)
+    res = transport.all_gather(payload, [fixed_size(numel)] * n if fixed_size is not None else None)
     _sum_in_rank_order(res.received, numel, out).div_(n)  # the payload is encoded: out is free
     return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel())
 
@@ -175,19 +238,20 @@ def two_phase_mean(
     size exchange), else ``None``. ``out`` may be the tensor ``encode`` reads: every shard is
     encoded before anything is written.
     """
-    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    transport = as_transport(group)
+    rank, n = transport.rank, transport.world_size
     bounds = shard_bounds(numel, n)
     payloads = [encode(j, a, b) for j, (a, b) in enumerate(bounds)]
     own_numel = bounds[rank][1] - bounds[rank][0]
     recv1 = [fixed_size(own_numel)] * n if fixed_size is not None else None
-    res1 = exchange(payloads, group, recv1)
+    res1 = transport.all_to_all(payloads, recv1)
 
     acc = _sum_in_rank_order(res1.received, own_numel,
                              torch.empty(own_numel, dtype=torch.float32, device=out.device))
     reduced = reduce_encode(acc.div_(n))
 
     recv2 = [reduce_fixed_size(b - a) for a, b in bounds] if reduce_fixed_size is not None else None
-    res2 = exchange([reduced] * n, group, recv2)
+    res2 = transport.all_gather(reduced, recv2)
     for (a, b), p in zip(bounds, res2.received):
         decode_payload(p, b - a, out=out[a:b])
     return ReduceStats(bytes_sent=res1.bytes_sent + res2.bytes_sent,

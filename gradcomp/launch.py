@@ -365,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--gpus-per-worker needs CUDA, and torch sees no GPU here")
     if args.transport == "horovod":
         try:
-            from .horovod import _import_horovod
+            from .horovod import _import_hvd
 
-            _import_horovod()
+            _import_hvd()
         except ImportError as e:
             parser.error(f"--transport horovod: {e}")
     if args.address is not None and not args.address.strip():

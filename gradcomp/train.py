@@ -77,7 +77,8 @@ class TrainConfig:
     :data:`gradcomp.data.DATASETS`), ``width`` (channels/hidden units), ``num_train``
     (``None``: the data set's default), ``act_bits`` (1..4: ST activations; ``None``: full
     precision), ``gradquant_bits`` / ``gradquant_sparsity`` (neural-gradient FP bits and
-    stochastic-pruning sparsity; off by default).
+    stochastic-pruning sparsity; off by default), ``gradquant_exp_offset`` (added to the fitted
+    exponent split ``E*`` of ``gradquant_bits``: the seed's ``E*+1``/``E*-1``/``E*-2`` columns).
 
     Communication: ``codec`` (:data:`CODECS`), ``bits`` and ``exp_bits`` (FP codecs; ``None``
     exp_bits: lognormal split), ``sparsity`` (prune codecs), ``budget_bits`` (budget codec),
@@ -101,6 +102,7 @@ class TrainConfig:
     act_bits: int | None = None
     gradquant_bits: int | None = None
     gradquant_sparsity: float = 0.0
+    gradquant_exp_offset: int = 0
     codec: str = "none"
     bits: int = 6
     exp_bits: int | None = None
@@ -167,6 +169,9 @@ class TrainConfig:
         integer("act_bits", 1, 4, optional=True)
         integer("gradquant_bits", 2, 16, optional=True)
         real("gradquant_sparsity", 0.0, 0.9999)
+        integer("gradquant_exp_offset", -8, 8)
+        if self.gradquant_exp_offset and self.gradquant_bits is None:
+            raise ValueError("TrainConfig.gradquant_exp_offset needs gradquant_bits (it shifts their exponent split)")
         integer("bits", 2, 16)
         integer("exp_bits", 1, 8, optional=True)
         real("sparsity", 0.0, 1.0, hi_open=True)
@@ -227,9 +232,9 @@ class _Dist:
 
 def _setup_distributed(config: TrainConfig, device: torch.device) -> _Dist:
     if config.transport == "horovod":
-        from .horovod import _import_horovod
+        from .horovod import _import_hvd
 
-        hvd = _import_horovod()
+        hvd = _import_hvd()
         hvd.init()
         return _Dist(hvd.rank(), hvd.size(), hvd.local_rank(), False, hvd)
     if dist.is_available() and dist.is_initialized():
@@ -289,7 +294,7 @@ def build_model(config: TrainConfig, bundle) -> tuple[nn.Module, list]:
     gq = []
     if config.gradquant_bits is not None or config.gradquant_sparsity > 0:
         gq = convert_gradquant(model, bits=config.gradquant_bits, sparsity=config.gradquant_sparsity,
-                               seed=config.seed)
+                               exp_offset=config.gradquant_exp_offset, seed=config.seed)
     return model, gq
 
 
@@ -336,11 +341,13 @@ def _powersgd_bytes(model: nn.Module, rank: int, world: int) -> tuple[float, flo
 class _Hook:
     """The communication hook of one run and how to account for its bytes."""
 
-    def __init__(self, config: TrainConfig, ddp: nn.Module | None, model: nn.Module, world: int):
+    def __init__(self, config: TrainConfig, ddp: nn.Module | None, model: nn.Module, world: int,
+                 horovod_optimizer=None):
         self.kind = config.codec
         self.state = None
         self.world = world
         self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.horovod_optimizer = horovod_optimizer  # carries its own compression state
         if ddp is None:
             return
         if config.codec == "fp16":
@@ -367,6 +374,12 @@ class _Hook:
         """Bytes this rank sent per step and bits per gradient element (``estimated`` says how)."""
         if self.world <= 1:
             return {"bytes_sent_per_step": 0.0, "bits_per_element": None, "bytes_source": "single process"}
+        if self.horovod_optimizer is not None:
+            s = self.horovod_optimizer.stats()
+            return {"bytes_sent_per_step": s["bytes_sent"] / max(s["steps"], 1),
+                    "bits_per_element": s["bits_per_element"] or (16.0 if self.kind == "fp16" else 32.0),
+                    "bytes_source": "measured (Horovod alltoall/allgather)",
+                    "compression_ratio": s["compression_ratio"], "collective": s["collective"]}
         if self.kind in ("none", "fp16"):
             b = 4 if self.kind == "none" else 2
             return {"bytes_sent_per_step": _dense_ring_bytes(self.numel, self.world, b),
@@ -385,15 +398,21 @@ class _Hook:
         return self.state.matrix_approximation_rank
 
     def state_dict(self):
+        if self.horovod_optimizer is not None:
+            return self.horovod_optimizer.compression_state_dict()
         if self.kind in OUR_CODECS and self.state is not None:
             return self.state.state_dict()
         return None
 
     def load_state_dict(self, sd) -> None:
-        if sd is not None and self.state is not None and hasattr(self.state, "load_state_dict"):
+        if sd is not None and self.horovod_optimizer is not None:
+            self.horovod_optimizer.load_compression_state_dict(sd)
+        elif sd is not None and self.state is not None and hasattr(self.state, "load_state_dict"):
             self.state.load_state_dict(sd)
 
     def close(self) -> None:
+        if self.horovod_optimizer is not None:
+            self.horovod_optimizer.close()
         if self.state is not None and hasattr(self.state, "close"):
             self.state.close()
 
@@ -552,14 +571,14 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
             from .horovod import DistributedOptimizer
 
             optimizer = DistributedOptimizer(
-                optimizer, model.named_parameters(), codec=build_codec(config) or _horovod_dense(config),
+                optimizer, list(model.named_parameters()), codec=build_codec(config) or _horovod_dense(config),
                 error_feedback=_error_feedback(config), seed=config.seed, collective=config.collective,
                 warmup_steps=config.warmup_steps, refit_every=config.refit_every)
             d.horovod.broadcast_parameters(model.state_dict(), root_rank=0)
         elif d.world_size > 1:
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
             net = ddp
-        hook = _Hook(config, ddp, model, d.world_size)
+        hook = _Hook(config, ddp, model, d.world_size, optimizer if d.horovod is not None else None)
         loader = data.make_loader(bundle.train, config.batch_size, rank=d.rank, world_size=d.world_size,
                                   seed=config.seed, shuffle=True, drop_last=True)
         per_epoch = len(loader)
@@ -721,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as e:
         parser.error(str(e))
     result = train(cfg)
-    if args.output and int(os.environ.get("RANK", "0")) == 0:
+    rank = os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "0"))  # horovodrun or torchrun
+    if args.output and int(rank) == 0:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return 0
 
