@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and data")
     m.add_argument("--model", choices=models.MODELS, default="resnet1d")
     m.add_argument("--width", type=_positive_int, default=32)
-    m.add_argument("--act-bits", type=_positive_int, default=None, help="Squeeze-and-Threshold activation bits (1..4)")
+    m.add_argument("--act-bits", type=_nonneg_int, default=None,
+                   help="Squeeze-and-Threshold activation bits (1..4; 0: full precision)")
     m.add_argument("--gradquant-bits", type=_positive_int, default=None, help="neural-gradient FP bits")
     m.add_argument("--gradquant-sparsity", type=_finite_float, default=0.0)
     m.add_argument("--dataset", choices=data.DATASETS, default="mnist1d")
@@ -135,7 +136,7 @@ def config_from_args(args: argparse.Namespace, output: Path) -> TrainConfig:
     """Map parsed arguments onto a :class:`TrainConfig` (``ValueError`` on invalid combinations)."""
     return TrainConfig(
         model=args.model, dataset=args.dataset, width=args.width, num_train=args.num_train,
-        act_bits=args.act_bits, gradquant_bits=args.gradquant_bits, gradquant_sparsity=args.gradquant_sparsity,
+        act_bits=args.act_bits or None, gradquant_bits=args.gradquant_bits, gradquant_sparsity=args.gradquant_sparsity,
         codec=args.codec, bits=args.bits, exp_bits=args.exp_bits, sparsity=args.sparsity,
         budget_bits=args.budget_bits, topk_ratio=args.topk_ratio, powersgd_rank=args.powersgd_rank,
         error_feedback=args.error_feedback, transport=args.transport, optimizer=args.optimizer, lr=args.lr,

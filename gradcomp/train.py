@@ -299,10 +299,16 @@ def build_model(config: TrainConfig, bundle) -> tuple[nn.Module, list]:
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on Squeeze-and-Threshold parameters: decay would pull the learned step
+    # towards 1 and flatten the attention (the same reason BN's affine terms often skip it).
+    decay = [p for n, p in model.named_parameters() if ".st." not in f".{n}"]
+    keep = [p for n, p in model.named_parameters() if ".st." in f".{n}"]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if keep:
+        groups.append({"params": keep, "weight_decay": 0.0})
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def _lr_factor(config: TrainConfig, step: int, total: int) -> float:
