@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import sys
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -472,13 +474,16 @@ def run_on_ray(fn: Callable, *, num_workers: int, cpus_per_worker: int = 1, use_
     except ImportError as exc:
         raise ImportError(f"run_on_ray needs ray and horovod.ray ({exc}). " + BUILD_HINT) from exc
     started = False
+    temp_root = None
     if not ray.is_initialized():
         if address is not None:
             ray.init(address=address)
         else:
             # Logical CPUs: enough for the workers even on a small machine (they time-share).
+            # A private, short temp dir (Ray's socket paths have a length limit), removed after.
             need = num_workers * cpus_per_worker
-            ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False)
+            temp_root = tempfile.mkdtemp(prefix="gcray-")
+            ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp_root)
         started = True
     try:
         settings = RayExecutor.create_settings(timeout_s=timeout_s)
@@ -495,3 +500,5 @@ def run_on_ray(fn: Callable, *, num_workers: int, cpus_per_worker: int = 1, use_
     finally:
         if started:
             ray.shutdown()
+        if temp_root is not None:
+            shutil.rmtree(temp_root, ignore_errors=True)

@@ -283,7 +283,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
             results = run_on_ray(_horovod_worker, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                                  use_gpu=bool(args.gpus_per_worker), args=(payload,))
             result = results[0]
-            ray_info = {"transport": "horovod.ray.RayExecutor"}
+            ray_info = {"transport": "horovod.ray.RayExecutor", "ray_temp_dir": temp_root}
         else:
             from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
             from ray.train.torch import TorchTrainer
@@ -306,6 +306,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
                 raise RuntimeError(f"training ended without a result (last metrics: {fit.metrics})")
             result = json.loads(fit.metrics[RESULT_KEY])
             ray_info = {"transport": "ray.train.torch.TorchTrainer", "ray_storage": str(output / "ray"),
+                        "ray_temp_dir": temp_root,
                         "last_ray_checkpoint": fit.checkpoint.path if fit.checkpoint is not None else None}
     finally:
         ray.shutdown()

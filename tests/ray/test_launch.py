@@ -19,6 +19,18 @@ RESULT_KEYS = {"final_accuracy", "bytes_sent_per_step", "bits_per_element", "ste
                "config", "environment", "restarts", "resumed_from_step", "worker_nodes"}
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        if text in cmd:
+            found.append(cmd)
+    return found
+
+
 def _launch_bin() -> str:
     exe = Path(sys.executable).with_name("gradcomp-launch")
     return str(exe) if exe.exists() else "gradcomp-launch"
@@ -41,6 +53,9 @@ def test_embedded_ray_st_prune_fp(tmp_path):
     assert res["bytes_source"] == "measured by the hook"
     assert 0 < res["bits_per_element"] < 2.5  # PruneFP(0.85, 6) on the wire, headers included
     assert res["launcher"]["address"] == "embedded"
+    # hygiene: the embedded Ray's session directory is gone, and so are its processes
+    assert res["launcher"]["ray_temp_dir"] and not Path(res["launcher"]["ray_temp_dir"]).exists()
+    assert _processes_mentioning(res["launcher"]["ray_temp_dir"]) == []
     assert "| final accuracy" in proc.stdout and "| bits per element" in proc.stdout
     # checkpoints: ours (latest pointer, every rank's compression state) and Ray's copies
     latest = (out / "checkpoints" / "latest").read_text().strip()
