@@ -582,7 +582,15 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
                 warmup_steps=config.warmup_steps, refit_every=config.refit_every)
             d.horovod.broadcast_parameters(model.state_dict(), root_rank=0)
         elif d.world_size > 1:
-            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            ddp_kw = {}
+            if config.codec == "powersgd":
+                # torch's PowerSGD hook blocks gloo's worker threads in nested all_reduce().wait()
+                # when two buckets are in flight (found by benchmarks/bandwidth_accuracy.py): give
+                # it one bucket. An explicit cap also replaces DDP's 1 MiB first bucket.
+                size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+                ddp_kw["bucket_cap_mb"] = max(25.0, size_mb + 1.0)
+            ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kw)
             net = ddp
         hook = _Hook(config, ddp, model, d.world_size, optimizer if d.horovod is not None else None)
         loader = data.make_loader(bundle.train, config.batch_size, rank=d.rank, world_size=d.world_size,
