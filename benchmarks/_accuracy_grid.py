@@ -295,3 +295,14 @@ def set_threads() -> None:
 __all__ = ["RECIPE", "QUICK", "Variant", "run_grid", "summary", "pct", "diff_pct", "Observer",
            "parse_args", "recipe_for", "header", "recipe_line", "save", "start_meta", "finish_meta",
            "load_json", "set_threads", "environment", "collect"]
+
+
+def script_main(doc: str, stem: str, variants, markdown, plot, argv=None, **collect_kw) -> int:
+    """Run a reproduction script: parse the common arguments, collect, save MD/JSON, plot, print."""
+    a = parse_args(doc.splitlines()[0], argv)
+    data = collect(a, stem, variants, **collect_kw)
+    md = markdown(data)
+    save(a.output, stem, data, md)
+    plot(data, os.path.join(a.output, f"{stem}.png"))
+    print(md)
+    return 0

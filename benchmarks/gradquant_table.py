@@ -365,13 +365,7 @@ def plot(data: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    a = G.parse_args(__doc__.splitlines()[0], argv)
-    data = G.collect(a, STEM, VARIANTS, observe=_observe, extra={"seed_table": SEED_TABLE})
-    md = markdown(data)
-    G.save(a.output, STEM, data, md)
-    plot(data, os.path.join(a.output, f"{STEM}.png"))
-    print(md)
-    return 0
+    return G.script_main(__doc__, STEM, VARIANTS, markdown, plot, argv, observe=_observe, extra={"seed_table": SEED_TABLE})
 
 
 if __name__ == "__main__":
