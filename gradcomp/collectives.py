@@ -38,7 +38,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .codecs import Codec, HalfCodec, decode_payload
+from . import kernels
+from .codecs import HEADER_BYTES, Codec, CodecTag, HalfCodec, decode_payload, read_header
+from .codecs.sparse import sum_prune_payloads
+from .packing import packed_size
+from .quant import decode_table
 
 COLLECTIVES = ("auto", "two_phase", "allgather", "allreduce")
 
@@ -187,6 +191,29 @@ def _sum_in_rank_order(payloads: list[torch.Tensor], numel: int, out: torch.Tens
     return out
 
 
+def decode_mean(payloads: list[torch.Tensor], numel: int, out: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Write ``(decode(p_0) + ... + decode(p_last)) / divisor`` into ``out``, in fp32, in rank order.
+
+    Dense FP payloads take the fused native kernel (one pass over ``out`` instead of one decode
+    per payload, an add per payload and a divide; the same operations in the same order, so the
+    same bits: ``tests/unit/test_sparse_kernels.py``); pruned payloads are added at their nonzero
+    positions only (:func:`gradcomp.codecs.sparse.sum_prune_payloads`, the same bits too);
+    anything else decodes payload by payload.
+    """
+    if payloads and numel:
+        headers = [read_header(p) for p in payloads]
+        if all(h.tag == CodecTag.FP and h.fmt is not None and not h.nonfinite for h in headers):
+            sizes = [packed_size(numel, h.fmt.bits) for h in headers]
+            if all(p.numel() >= HEADER_BYTES + s for p, s in zip(payloads, sizes)):
+                packed = [p[HEADER_BYTES:HEADER_BYTES + s] for p, s in zip(payloads, sizes)]
+                tables = [decode_table(h.fmt, p.device, h.scale_exp) for h, p in zip(headers, payloads)]
+                if kernels.decode_mean(packed, tables, [h.fmt.bits for h in headers], divisor, out):
+                    return out
+        elif sum_prune_payloads(payloads, headers, numel, out):
+            return out.div_(divisor)
+    return _sum_in_rank_order(payloads, numel, out).div_(divisor)
+
+
 Encoder = Callable[[int, int, int], torch.Tensor]  # (shard j, start, stop) -> payload of x[start:stop]
 
 
@@ -217,7 +244,7 @@ def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
     n = transport.world_size
     payload = encode(0, 0, numel)
     res = transport.all_gather(payload, [fixed_size(numel)] * n if fixed_size is not None else None)
-    _sum_in_rank_order(res.received, numel, out).div_(n)  # the payload is encoded: out is free
+    decode_mean(res.received, numel, out, n)  # the payload is encoded: out is free
     return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel())
 
 
@@ -246,9 +273,9 @@ def two_phase_mean(
     recv1 = [fixed_size(own_numel)] * n if fixed_size is not None else None
     res1 = transport.all_to_all(payloads, recv1)
 
-    acc = _sum_in_rank_order(res1.received, own_numel,
-                             torch.empty(own_numel, dtype=torch.float32, device=out.device))
-    reduced = reduce_encode(acc.div_(n))
+    mean = decode_mean(res1.received, own_numel,
+                       torch.empty(own_numel, dtype=torch.float32, device=out.device), n)
+    reduced = reduce_encode(mean)
 
     recv2 = [reduce_fixed_size(b - a) for a, b in bounds] if reduce_fixed_size is not None else None
     res2 = transport.all_gather(reduced, recv2)

@@ -1,11 +1,19 @@
 """Native fast paths for FP encode+pack and unpack+decode, with the eager path as reference.
 
-``gradcomp/csrc/fpcodec.cpp`` implements the integer algorithm of :mod:`gradcomp.quant` and the
-bit layout of :mod:`gradcomp.packing` fused into one pass over memory (float32 input, CPU),
-parallel on torch's intra-op threads. It is built with ``torch.utils.cpp_extension`` the first
-time it is needed (about a minute; announced on stderr, then cached by torch in
-``~/.cache/torch_extensions``); call :func:`warmup` at start-up to pay that before training.
-Results are bit-identical to the eager path (``tests/unit/test_kernels.py``).
+``gradcomp/csrc/`` holds the C++ kernels (float32 input, CPU, parallel on torch's intra-op
+threads):
+
+* ``fpcodec.cpp``: the integer algorithm of :mod:`gradcomp.quant` and the bit layout of
+  :mod:`gradcomp.packing` fused into one pass over memory (encode+pack, unpack+decode), and the
+  fused decode-sum-divide of N payloads that ends every compressed all-reduce;
+* ``sparse.cpp``: stochastic pruning fused with the compaction of the sparse codecs, and the
+  Rice coding of positions (:mod:`gradcomp.codecs.sparse`).
+
+They are built with ``torch.utils.cpp_extension`` the first time they are needed (about a
+minute; announced on stderr, then cached in ``~/.cache/torch_extensions`` under a name that
+hashes the sources and this CPU's instruction-set flags, since ``-march=native`` code must not
+run on another CPU); call :func:`warmup` at start-up to pay that before training. Results are
+bit-identical to the eager path (``tests/unit/test_kernels.py``, ``tests/unit/test_sparse_kernels.py``).
 
 ``GRADCOMP_KERNELS`` selects: ``auto`` (default: native where it applies and builds, eager
 otherwise), ``native`` (fail if it cannot build), ``eager`` (never build).
@@ -14,6 +22,7 @@ otherwise), ``native`` (fail if it cannot build), ``eager`` (never build).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -24,7 +33,12 @@ import torch
 from .formats import FPFormat
 
 MODES = ("auto", "native", "eager")
-_SOURCE = Path(__file__).parent / "csrc" / "fpcodec.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("fpcodec.cpp", "sparse.cpp", "module.cpp")
+# -mprefer-vector-width=512: the encode loops are compute-bound, and on AVX-512 CPUs GCC's
+# default 256-bit vectors leave half the throughput unused (FP6 stochastic encode: 1.6 -> 3.8
+# GB/s, one thread). -ffp-contract=off: no fused multiply-add may change a float32 result.
+_CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp")
 
 
 def kernel_mode() -> str:
@@ -35,6 +49,30 @@ def kernel_mode() -> str:
     return mode
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _build_name() -> str:
+    """Extension name: a hash of the sources, the flags and this CPU's instruction-set flags."""
+    h = hashlib.sha256(_cpu_flags().encode())
+    h.update(" ".join(_CFLAGS).encode())
+    for p in sorted(_CSRC.iterdir()):
+        if p.suffix in (".cpp", ".h"):
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return "gradcomp_codecs_" + h.hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=1)
 def _build():
     """Build (or load the cached build of) the extension; ``None`` if that fails."""
@@ -43,9 +81,9 @@ def _build():
     print("gradcomp: loading native codec kernels (first build takes about a minute; cached "
           "afterwards; GRADCOMP_KERNELS=eager skips it)", file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name="gradcomp_fpcodec", sources=[str(_SOURCE)],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+        return cpp_extension.load(name=_build_name(), sources=[str(_CSRC / s) for s in _SOURCES],
+                                  extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"],
+                                  verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: stay correct, just slower
         if kernel_mode() == "native":
             raise
@@ -91,3 +129,77 @@ def unpack_decode(packed: torch.Tensor, table: torch.Tensor, bits: int, out: tor
         return False
     mod.unpack_decode(packed.contiguous(), table.contiguous(), bits, out)
     return True
+
+
+def decode_mean(packed: list[torch.Tensor], tables: list[torch.Tensor], bits: list[int],
+                divisor: int, out: torch.Tensor) -> bool:
+    """Write ``(decode(packed[0]) + ... + decode(packed[-1])) / divisor`` into float32 CPU ``out``.
+
+    Sums left to right and divides in float32, as the eager decode, ``add_`` and ``div_`` do,
+    in one pass over ``out``; ``False`` (nothing written) when the native path does not apply.
+    """
+    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32 \
+            or any(p.device.type != "cpu" for p in packed):
+        return False
+    mod = native()
+    if mod is None:
+        return False
+    mod.decode_mean([p.contiguous() for p in packed], [t.contiguous() for t in tables],
+                    list(bits), float(divisor), out)
+    return True
+
+
+def prune_select(x: torch.Tensor, alpha: float, key: int):
+    """Stochastically prune float32 CPU ``x`` at ``alpha`` (uniforms of ``key``) and compact it.
+
+    Returns ``(positions int32, kept values float32, packed kept flags, packed signs, max finite
+    |kept|, any non-finite input)`` -- what :func:`gradcomp.pruning.stochastic_prune` followed by
+    the sparse encoder's compaction gives, bit for bit -- or ``None`` if not applicable.
+    """
+    if not _applies(x) or x.numel() >= 2**31:
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    pos, kept, flags, signs, stats = mod.prune_select(x.contiguous(), float(alpha),
+                                                      key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF)
+    top, bad = stats.tolist()
+    return pos, kept, flags, signs, top, bool(bad)
+
+
+def rice_encode(idx: torch.Tensor, candidates: list[int]):
+    """Rice-code sorted CPU positions with the cheapest of ``candidates``: ``(rem, unary, bits, k)``
+    or ``None`` if not applicable."""
+    if idx.device.type != "cpu":
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    rem, unary, info = mod.rice_encode(idx.contiguous(), list(candidates))
+    unary_bits, k = info.tolist()
+    return rem, unary, unary_bits, k
+
+
+def rice_decode(rem: torch.Tensor, unary: torch.Tensor, unary_bits: int, k: int, n: int, numel: int):
+    """``(positions int64, status)`` of a Rice-coded stream (status 0 ok, 1 count, 2 range), or ``None``."""
+    if rem.device.type != "cpu" or unary.device.type != "cpu":
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    pos, status = mod.rice_decode(rem, unary, unary_bits, k, n, numel)
+    return pos, int(status[0])
+
+
+def prune_scatter(values, flags, signs, rem, unary, unary_bits, k, n, alpha, out,
+                  accumulate: bool = False) -> int | None:
+    """Decode PRUNE / PRUNE_FP streams into float32 CPU ``out`` (zeroed first; with
+    ``accumulate``, added to ``out`` at the nonzero positions instead): the status code (0 ok,
+    1 count, 2 range, 3 kept flags), or ``None`` if not applicable."""
+    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32:
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    return int(mod.prune_scatter(values, flags, signs, rem, unary, unary_bits, k, n, float(alpha),
+                                 out, bool(accumulate)))

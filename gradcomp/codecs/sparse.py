@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from .. import lognormal
+from .. import kernels, lognormal
 from ..packing import pack_unchecked, packed_size, unpack
 from ..pruning import stochastic_prune
 from ..rng import derive_key
@@ -153,18 +153,24 @@ def rice_expected_bits(numel: int, p: float, k: int | None = None) -> float:
 
 
 def _rice_encode(idx: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Rice-code sorted int64 positions: return (packed remainders, packed unary, unary bits, k).
+    """Rice-code sorted positions (int32 or int64): return (packed remainders, packed unary,
+    unary bits, k).
 
     ``k`` is the cheapest, by exact cost on these gaps, of 0 and ``k0 - 2 .. k0 + 2`` (``k0`` the
-    model optimum): one small host sync for the costs, one for the stream length.
+    model optimum), ties to the smaller. Native kernel on CPU (:mod:`gradcomp.kernels`, the same
+    bytes); the eager path costs one small host sync for the costs, one for the stream length.
     """
     empty = torch.empty(0, dtype=torch.uint8, device=idx.device)
     n = idx.numel()
     if n == 0:
         return empty, empty, 0, 0
-    gaps = torch.diff(idx, prepend=idx.new_full((1,), -1)) - 1
     k0 = rice_parameter(n, numel)
     ks = sorted({0} | {k for k in range(k0 - 2, k0 + 3) if 0 <= k <= MAX_RICE_K})
+    fast = kernels.rice_encode(idx, ks)
+    if fast is not None:
+        return fast
+    idx = idx.to(torch.int64)
+    gaps = torch.diff(idx, prepend=idx.new_full((1,), -1)) - 1
     # One reduction per candidate (at most 6), stacked so the costs come back in one sync.
     costs = torch.stack([(gaps >> c).sum() for c in ks]).tolist()
     k = min(ks, key=lambda c: (costs[ks.index(c)] + n * (c + 1), c))
@@ -179,6 +185,10 @@ def _rice_encode(idx: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Ten
 def _rice_decode(rem: torch.Tensor, unary: torch.Tensor, unary_bits: int, k: int, n: int,
                  numel: int) -> torch.Tensor:
     """Invert :func:`_rice_encode`: return the ``n`` positions (int64), validated ``< numel``."""
+    fast = kernels.rice_decode(rem, unary, unary_bits, k, n, numel)
+    if fast is not None and fast[1] == 0:
+        return fast[0]
+    # The eager path (also after a native error status: it raises the detailed message).
     ends = torch.nonzero(unpack(unary, 1, unary_bits)).reshape(-1)
     if ends.numel() != n:
         raise ValueError(f"corrupt sparse payload: unary stream holds {ends.numel()} codes, header says {n}")
@@ -486,30 +496,39 @@ class _PruneBase(Codec):
         plan = self.plan(fit_or_none(xs)) if plan is None else self._check_plan(plan)
         fplan = plan.values
         alpha = _alpha32(plan.alpha)
-        if math.isinf(alpha) or xs.numel() == 0:
-            idx = torch.empty(0, dtype=torch.int64, device=xs.device)
-            vals = xs.new_empty(0)
+        empty = math.isinf(alpha) or xs.numel() == 0
+        fast = None if empty else kernels.prune_select(xs, alpha, derive_key(key, 1))
+        if fast is not None:
+            # The native kernel prunes and compacts in one pass (the same bits as below).
+            idx, kept_vals, flags, signs, top, nonfinite = fast
+            n, n_kept = idx.numel(), kept_vals.numel()
         else:
-            pruned = stochastic_prune(xs, alpha, key=derive_key(key, 1))
-            idx = torch.nonzero(pruned).reshape(-1)  # NaN counts as nonzero (and stays kept)
-            vals = pruned[idx]
-        at_alpha = vals.abs() == alpha
-        kept_vals = vals[~at_alpha]
-        n, n_kept = idx.numel(), kept_vals.numel()
+            if empty:
+                idx = torch.empty(0, dtype=torch.int64, device=xs.device)
+                vals = xs.new_empty(0)
+            else:
+                pruned = stochastic_prune(xs, alpha, key=derive_key(key, 1))
+                idx = torch.nonzero(pruned).reshape(-1)  # NaN counts as nonzero (and stays kept)
+                vals = pruned[idx]
+            at_alpha = vals.abs() == alpha
+            kept_vals = vals[~at_alpha]
+            n, n_kept = idx.numel(), kept_vals.numel()
+            flags = pack_unchecked((~at_alpha).to(torch.uint8), 1)
+            signs = pack_unchecked(torch.signbit(vals[at_alpha]).to(torch.uint8), 1)
+            nonfinite = None  # make_header computes it
+            top = float(kept_vals.abs().amax()) if n_kept and fplan is not None else 0.0
         if fplan is None:
-            header = make_header(self.tag, xs)
+            header = make_header(self.tag, xs, nonfinite=nonfinite)
             value_bytes = kept_vals.contiguous().view(torch.uint8)
         else:
-            if n_kept:
-                # Saturation would bias stochastic rounding: raise the scale (never lower it)
-                # until this shard's largest kept value fits. Non-finite input is flagged anyway.
-                top = float(kept_vals.abs().amax())
-                if math.isfinite(top) and min_scale_exp(top, fplan.fmt) > fplan.scale_exp:
-                    fplan = FPPlan(fplan.fmt, min_scale_exp(top, fplan.fmt), fplan.expected_error)
-            header = make_header(self.tag, xs, fplan.fmt, fplan.scale_exp)
+            # Saturation would bias stochastic rounding: raise the scale (never lower it) until
+            # this shard's largest kept value fits. Inf/NaN are always kept, and then ``top`` is
+            # not finite (eager) or ``nonfinite`` is set (native): the payload is flagged anyway.
+            if n_kept and not nonfinite and math.isfinite(top) \
+                    and min_scale_exp(top, fplan.fmt) > fplan.scale_exp:
+                fplan = FPPlan(fplan.fmt, min_scale_exp(top, fplan.fmt), fplan.expected_error)
+            header = make_header(self.tag, xs, fplan.fmt, fplan.scale_exp, nonfinite=nonfinite)
             value_bytes = encode_fp_values(kept_vals, fplan, self.stochastic, derive_key(key, 2))
-        flags = pack_unchecked((~at_alpha).to(torch.uint8), 1)
-        signs = pack_unchecked(torch.signbit(vals[at_alpha]).to(torch.uint8), 1)
         rem, unary, unary_bits, k = _rice_encode(idx, xs.numel())
         fixed = _bytes_of(_PRUNE_FIXED.pack(alpha, n, n_kept, unary_bits, k), xs.device)
         return torch.cat([header, fixed, value_bytes, flags, signs, rem, unary])
@@ -664,16 +683,16 @@ class PruneFPCodec(_PruneBase):
                             self.exp_bits if bits == self.bits else None, self.rounding)
 
 
-def _decode_prune(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
-    if header.nonfinite:
-        return  # decode_payload fills the shard with NaN
+def _prune_fields(payload: torch.Tensor, header: Header, numel: int):
+    """Parse a PRUNE / PRUNE_FP payload: ``(alpha, n, n_kept, unary bits, k, values, flag bytes,
+    sign bytes, remainder bytes, unary bytes)``; ``values`` decoded to float32 (``None`` when
+    ``n == 0``: the streams are then empty)."""
     alpha, n, n_kept, unary_bits, k = _fixed_fields(payload, _PRUNE_FIXED)
     if not (0 <= n_kept <= n <= numel and 0 <= k <= MAX_RICE_K and unary_bits >= n):
         raise ValueError(f"corrupt sparse payload: n={n}, n_kept={n_kept}, k={k}, unary bits "
                          f"{unary_bits} for numel={numel}")
-    out.zero_()
     if n == 0:
-        return
+        return alpha, n, n_kept, unary_bits, k, None, None, None, None, None
     rd = _Reader(payload, HEADER_BYTES + PRUNE_FIXED_BYTES)
     if header.tag == CodecTag.PRUNE_FP:
         if header.fmt is None:
@@ -683,16 +702,67 @@ def _decode_prune(payload: torch.Tensor, header: Header, numel: int, out: torch.
                          header.scale_exp, n_kept, values)
     else:
         values = _as_float32(rd.take(4 * n_kept))
-    flags = unpack(rd.take(packed_size(n, 1)), 1, n).bool()
-    signs = unpack(rd.take(packed_size(n - n_kept, 1)), 1, n - n_kept)
+    flag_bytes = rd.take(packed_size(n, 1))
+    sign_bytes = rd.take(packed_size(n - n_kept, 1))
     rem = rd.take(packed_size(n, k) if k else 0)
-    idx = _rice_decode(rem, rd.take(packed_size(unary_bits, 1)), unary_bits, k, n, numel)
+    unary = rd.take(packed_size(unary_bits, 1))
+    return alpha, n, n_kept, unary_bits, k, values, flag_bytes, sign_bytes, rem, unary
+
+
+def _decode_prune(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    if header.nonfinite:
+        return  # decode_payload fills the shard with NaN
+    alpha, n, n_kept, unary_bits, k, values, flag_bytes, sign_bytes, rem, unary = \
+        _prune_fields(payload, header, numel)
+    if n == 0:
+        out.zero_()
+        return
+    status = kernels.prune_scatter(values, flag_bytes, sign_bytes, rem, unary, unary_bits, k, n,
+                                   alpha, out)
+    if status == 0:
+        return
+    # The eager path (also after a native error status: it raises the detailed message).
+    flags = unpack(flag_bytes, 1, n).bool()
+    signs = unpack(sign_bytes, 1, n - n_kept)
+    idx = _rice_decode(rem, unary, unary_bits, k, n, numel)
     kept_idx = idx[flags]
     if kept_idx.numel() != n_kept:
         raise ValueError(f"corrupt sparse payload: {kept_idx.numel()} kept flags, header says {n_kept}")
+    out.zero_()
     # +-alpha entries: 1 - 2*sign is +1 / -1, exact in float32.
     out[idx[~flags]] = (1.0 - 2.0 * signs.to(torch.float32)) * alpha
     out[kept_idx] = values
+
+
+def sum_prune_payloads(payloads: list[torch.Tensor], headers: list[Header], numel: int,
+                       out: torch.Tensor) -> bool:
+    """Write ``decode(p_0) + decode(p_1) + ...`` (float32, left to right) into ``out`` natively.
+
+    The first payload is scattered into a zeroed ``out``, the others are added at their
+    nonzero positions only. That equals the eager dense sum bit for bit because adding the
+    ``+0.0`` of a pruned entry changes nothing but a ``-0.0``, and no ``-0.0`` can arise when no
+    decoded value is ``-0.0`` (``+-alpha`` never is; a kept FP value that rounds to zero may be:
+    then this returns ``False``). ``False`` also when the kernels do not apply, a payload is
+    flagged non-finite or is not PRUNE / PRUNE_FP, or a stream is corrupt (the caller's eager
+    decode then raises the detailed error); ``out`` is then to be overwritten by the caller.
+    """
+    if not payloads or any(h.tag not in (CodecTag.PRUNE, CodecTag.PRUNE_FP) or h.nonfinite
+                           for h in headers):
+        return False
+    for j, (payload, header) in enumerate(zip(payloads, headers)):
+        alpha, n, n_kept, unary_bits, k, values, flag_bytes, sign_bytes, rem, unary = \
+            _prune_fields(payload, header, numel)
+        if n == 0:
+            if j == 0:
+                out.zero_()
+            continue
+        if n_kept and bool(((values == 0) & torch.signbit(values)).any()):
+            return False
+        status = kernels.prune_scatter(values, flag_bytes, sign_bytes, rem, unary, unary_bits, k,
+                                       n, alpha, out, accumulate=j > 0)
+        if status != 0:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
