@@ -7,7 +7,8 @@ memory-bandwidth yardstick the codec ratios are quoted against. Two kinds of row
 * format rows (``fp6_e3m2_*``): the FP kernels alone, on the native fused path
   (:mod:`gradcomp.kernels`) and on the eager reference path;
 * codec rows (``codec:...``): every codec's full ``encode`` (header, fit-derived plan given,
-  no-saturation check, pruning/positions) and ``decode_payload`` into a preallocated buffer.
+  no-saturation check, pruning/positions) and ``decode_payload`` into a preallocated buffer,
+  on the native kernels (``native``: what training uses) and on the eager reference.
 
     python benchmarks/codec_throughput.py                 # Markdown table
     python benchmarks/codec_throughput.py --json          # machine-readable, to stdout
@@ -108,16 +109,18 @@ def run(numel: int, repeats: int, threads: list[int], progress: bool, paths: lis
                 enc_s = _time(lambda: encode_fp_values(x, plan, st, derive_key(1)), repeats)
                 dec_s = _time(lambda: decode_fp_values(packed, case.fmt, -9, numel, out), repeats)
                 row(case.name, case.fmt.name, case.rounding, nthreads, memcpy_s, enc_s, dec_s, path)
+        for path in paths:
+            os.environ["GRADCOMP_KERNELS"] = "auto" if path == "native" else "eager"
+            for name, codec in _codecs():
+                if progress:
+                    print(f"  {nthreads} thread(s), {path}: codec {name} ...", file=sys.stderr, flush=True)
+                plan = codec.plan(fit) if codec.uses_fit else None
+                payload = codec.encode(x, key=1, plan=plan)
+                enc_s = _time(lambda: codec.encode(x, key=1, plan=plan), repeats)
+                dec_s = _time(lambda: decode_payload(payload, numel, out=out), repeats)
+                row("codec:" + name, codec.describe(plan).get("format") or "", "", nthreads, memcpy_s,
+                    enc_s, dec_s, path)
         os.environ["GRADCOMP_KERNELS"] = "auto"
-        for name, codec in _codecs():
-            if progress:
-                print(f"  {nthreads} thread(s): codec {name} ...", file=sys.stderr, flush=True)
-            plan = codec.plan(fit) if codec.uses_fit else None
-            payload = codec.encode(x, key=1, plan=plan)
-            enc_s = _time(lambda: codec.encode(x, key=1, plan=plan), repeats)
-            dec_s = _time(lambda: decode_payload(payload, numel, out=out), repeats)
-            row("codec:" + name, codec.describe(plan).get("format") or "", "", nthreads, memcpy_s,
-                enc_s, dec_s, "auto")
     return {"environment": environment(), "numel": numel, "repeats": repeats, "results": rows}
 
 

@@ -196,7 +196,7 @@ def decode_mean(payloads: list[torch.Tensor], numel: int, out: torch.Tensor, div
 
     Dense FP payloads take the fused native kernel (one pass over ``out`` instead of one decode
     per payload, an add per payload and a divide; the same operations in the same order, so the
-    same bits: ``tests/unit/test_sparse_kernels.py``); pruned payloads are added at their nonzero
+    same bits: ``tests/unit/test_codec_kernels.py``); pruned payloads are added at their nonzero
     positions only (:func:`gradcomp.codecs.sparse.sum_prune_payloads`, the same bits too);
     anything else decodes payload by payload.
     """

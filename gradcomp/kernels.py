@@ -13,7 +13,7 @@ They are built with ``torch.utils.cpp_extension`` the first time they are needed
 minute; announced on stderr, then cached in ``~/.cache/torch_extensions`` under a name that
 hashes the sources and this CPU's instruction-set flags, since ``-march=native`` code must not
 run on another CPU); call :func:`warmup` at start-up to pay that before training. Results are
-bit-identical to the eager path (``tests/unit/test_kernels.py``, ``tests/unit/test_sparse_kernels.py``).
+bit-identical to the eager path (``tests/unit/test_kernels.py``, ``tests/unit/test_codec_kernels.py``).
 
 ``GRADCOMP_KERNELS`` selects: ``auto`` (default: native where it applies and builds, eager
 otherwise), ``native`` (fail if it cannot build), ``eager`` (never build).
@@ -105,6 +105,14 @@ def _applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
 
+def _encode_args(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int, scale_exp: int) -> tuple:
+    src_min_exponent, src_min_subnormal_exponent = -126, -149
+    return (x.contiguous(), fmt.exp_bits, fmt.man_bits, fmt.bias, scale_exp, stochastic,
+            key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF,
+            fmt.min_exponent + scale_exp < src_min_exponent,
+            fmt.min_subnormal_exponent + scale_exp <= src_min_subnormal_exponent)
+
+
 def encode_pack(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int, scale_exp: int) -> torch.Tensor | None:
     """Packed codes of float32 CPU ``x`` (same bits as the eager path), or ``None`` if not applicable."""
     if not _applies(x):
@@ -112,12 +120,24 @@ def encode_pack(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int, scal
     mod = native()
     if mod is None:
         return None
-    src_min_exponent, src_min_subnormal_exponent = -126, -149
-    return mod.encode_pack(
-        x.contiguous(), fmt.exp_bits, fmt.man_bits, fmt.bias, scale_exp, stochastic,
-        key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF,
-        fmt.min_exponent + scale_exp < src_min_exponent,
-        fmt.min_subnormal_exponent + scale_exp <= src_min_subnormal_exponent)
+    return mod.encode_pack(*_encode_args(x, fmt, stochastic, key, scale_exp), 0, None)
+
+
+def encode_pack_with_stats(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int, scale_exp: int,
+                           offset: int) -> tuple[torch.Tensor, float, bool] | None:
+    """Like :func:`encode_pack`, with ``offset`` free bytes in front of the codes (for a payload
+    header) and, from the same pass over ``x``, ``max |x|`` over finite entries and whether ``x``
+    holds an inf or NaN: ``(buffer, max_abs, nonfinite)``, or ``None`` if not applicable."""
+    if not _applies(x):
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    stats = torch.zeros(2, dtype=torch.int64)
+    out = mod.encode_pack(*_encode_args(x, fmt, stochastic, key, scale_exp), offset, stats)
+    max_bits, bad = stats.tolist()
+    max_abs = torch.tensor([max_bits], dtype=torch.int32).view(torch.float32).item()
+    return out, max_abs, bool(bad)
 
 
 def unpack_decode(packed: torch.Tensor, table: torch.Tensor, bits: int, out: torch.Tensor) -> bool:

@@ -242,6 +242,18 @@ class FPCodec(Codec):
         xs = check_shard(x, "FPCodec.encode")
         if plan is None:
             plan = self.plan(fit_or_none(xs))
+        fast = (kernels.encode_pack_with_stats(xs, plan.fmt, self.stochastic, key, plan.scale_exp,
+                                               HEADER_BYTES) if xs.numel() else None)
+        if fast is not None:
+            # One pass: codes and max |x| together. In the rare case that the cached plan's scale
+            # would saturate this shard's maximum, encode again at the raised scale.
+            payload, amax, nonfinite = fast
+            covered = cover_max(plan, xs, amax if not nonfinite else 0.0)
+            if covered.scale_exp != plan.scale_exp:
+                payload[HEADER_BYTES:] = encode_fp_values(xs, covered, self.stochastic, key)
+            payload[:HEADER_BYTES] = make_header(self.tag, xs, covered.fmt, covered.scale_exp,
+                                                 nonfinite=nonfinite)
+            return payload
         amax, nonfinite = abs_max_and_nonfinite(xs)
         plan = cover_max(plan, xs, amax if not nonfinite else 0.0)
         header = make_header(self.tag, xs, plan.fmt, plan.scale_exp, nonfinite=nonfinite)

@@ -40,6 +40,11 @@ bit field packed with :func:`gradcomp.packing.pack_unchecked` and padded to a wh
     n x k bits    Rice remainders
     U bits        unary stream
 
+Speed: on CPU the pruning, compaction, Rice coding and scatter run in the native kernels of
+:mod:`gradcomp.kernels` (``csrc/sparse.cpp``), bit-identical to the eager tensor code below,
+which stays the reference and the fallback (``GRADCOMP_KERNELS=eager``, other devices). A
+corrupt stream detected natively is decoded again eagerly, so the error messages are the same.
+
 The header's format/scale fields describe the FP codes (PRUNE_FP) or are zero. Payloads are
 decodable by :func:`gradcomp.codecs.decode_payload`; trailing bytes beyond the layout are ignored.
 A non-finite input sets the header flag and the shard decodes to all-NaN (the lognormal fit

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 namespace gradcomp {
 
@@ -96,7 +97,10 @@ inline uint32_t hash_bits(uint32_t index, uint32_t k0, uint32_t k1) {
 
 // Packed FP codes of n contiguous float32 values (gradcomp.quant + gradcomp.packing); element i
 // draws its rounding noise at index i.
+// `offset` bytes are left free in front of the codes; `stats`, when given (int64 [2]), receives
+// the bit pattern of the largest finite |x| and whether x holds an inf or NaN.
 torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, int64_t scale,
-                          bool stochastic, int64_t k0, int64_t k1, bool true_binade, bool left_shift);
+                          bool stochastic, int64_t k0, int64_t k1, bool true_binade, bool left_shift,
+                          int64_t offset, std::optional<torch::Tensor> stats);
 
 }  // namespace gradcomp

@@ -12,12 +12,20 @@ namespace gradcomp {
 
 
 torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, int64_t scale,
-                          bool stochastic, int64_t k0, int64_t k1, bool true_binade, bool left_shift) {
+                          bool stochastic, int64_t k0, int64_t k1, bool true_binade, bool left_shift,
+                          int64_t offset, std::optional<torch::Tensor> stats) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               "encode_pack: expected a contiguous float32 CPU tensor");
+  TORCH_CHECK(offset >= 0, "encode_pack: offset must be >= 0");
   const int64_t n = x.numel();
   const int bits = static_cast<int>(1 + e + m);
-  auto out = torch::empty({(n * bits + 7) / 8}, x.options().dtype(torch::kUInt8));
+  // `offset` bytes are left free in front of the codes (a payload header, written by the caller).
+  auto full = torch::empty({offset + (n * bits + 7) / 8}, x.options().dtype(torch::kUInt8));
+  auto out = full.narrow(0, offset, (n * bits + 7) / 8);
+  const bool want_stats = stats.has_value();
+  if (want_stats)
+    TORCH_CHECK(stats->dtype() == torch::kInt64 && stats->numel() == 2 && stats->is_contiguous(),
+                "encode_pack: stats must be a contiguous int64 tensor of 2");
   Fmt f{static_cast<int32_t>(e), static_cast<int32_t>(m), static_cast<int32_t>(bias),
         static_cast<int32_t>(1 - bias), static_cast<int32_t>((1 << (e + m)) - 1),
         static_cast<int32_t>(scale), stochastic, true_binade, left_shift,
@@ -27,9 +35,15 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
   uint8_t* dst = out.data_ptr<uint8_t>();
   const bool rare = f.true_binade || f.left_shift;
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  // Per chunk: the largest finite |x| (as its bit pattern: non-negative floats order as
+  // integers) and whether an inf or NaN occurred -- the no-saturation check of the caller,
+  // computed while the block is in L1 instead of in a second pass over memory.
+  std::vector<uint32_t> chunk_max(static_cast<size_t>(want_stats ? nchunks : 0), 0u);
+  std::vector<uint32_t> chunk_bad(static_cast<size_t>(want_stats ? nchunks : 0), 0u);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     alignas(64) int32_t codes[kBlock];
     for (int64_t c = c0; c < c1; ++c) {
+      uint32_t mx = 0, bad = 0;
       const int64_t start = c * kChunk, stop = std::min(n, start + kChunk);
       uint8_t* o = dst + start * bits / 8;
       uint8_t* const chunk_end = dst + (stop * bits + 7) / 8;
@@ -38,6 +52,17 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
         const int64_t len = std::min(kBlock, stop - b);
         const uint32_t* s = src + b;
         const uint32_t base = static_cast<uint32_t>(b);
+        if (want_stats) {
+          uint32_t bmx = 0, bbad = 0;  // block-local reductions vectorize
+          for (int64_t i = 0; i < len; ++i) {
+            const uint32_t au = s[i] & 0x7FFFFFFFu;
+            const uint32_t inf_or_nan = static_cast<uint32_t>(au >= 0x7F800000u);
+            bmx = std::max(bmx, au & (inf_or_nan - 1u));
+            bbad |= inf_or_nan;
+          }
+          mx = std::max(mx, bmx);
+          bad |= bbad;
+        }
         if (f.stochastic) {
           if (rare) for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<true, true>(s[i], base + i, f);
           else for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<true, false>(s[i], base + i, f);
@@ -65,9 +90,23 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
           w.nbits = 0;
         }
       }
+      if (want_stats) {
+        chunk_max[static_cast<size_t>(c)] = mx;
+        chunk_bad[static_cast<size_t>(c)] = bad;
+      }
     }
   });
-  return out;
+  if (want_stats) {
+    uint32_t mx = 0, bad = 0;
+    for (size_t c = 0; c < chunk_max.size(); ++c) {
+      mx = std::max(mx, chunk_max[c]);
+      bad |= chunk_bad[c];
+    }
+    int64_t* st = stats->data_ptr<int64_t>();
+    st[0] = mx;
+    st[1] = bad;
+  }
+  return full;
 }
 
 namespace {

@@ -1,4 +1,4 @@
-"""The native sparse-codec kernels and the fused decode-mean are bit-identical to the eager path.
+"""The native codec kernels (sparse codecs, FPCodec with its fused max, decode-mean) are bit-identical to the eager path.
 
 Every case encodes and decodes twice, with ``GRADCOMP_KERNELS=eager`` and with the native
 kernels, and compares payload bytes and decoded bits (through integer views, so -0.0 and NaN
@@ -215,3 +215,21 @@ def test_sparse_decode_mean_with_negative_zeros_matches_eager(monkeypatch):
     assert bool(((decoded == 0) & torch.signbit(decoded)).any())  # the case is exercised
     ref, got = _both(monkeypatch, lambda: decode_mean(payloads, numel, torch.empty(numel), 2))
     assert torch.equal(_bits(ref), _bits(got))
+
+
+@pytest.mark.parametrize("codec", [FPCodec(6), FPCodec(8, rounding="nearest"), FPCodec(4, exp_bits=2)],
+                         ids=repr)
+def test_fp_codec_payloads_match_eager(monkeypatch, codec):
+    x = _with_edges(_lognormal(100_003, 60), 1e-3)
+    small = _lognormal(10_000, 61, sigma=0.5) * 1e-6
+    for plan in (codec.plan(fit(x)), codec.plan(fit(small)), None):  # fitted, must raise, unplanned
+        for key in (0, 99):
+            ref, got = _both(monkeypatch, lambda: codec.encode(x, key=key, plan=plan))
+            assert torch.equal(ref, got), (plan, key)
+    raised = codec.encode(x, key=1, plan=codec.plan(fit(small)))
+    assert raised[4:6].view(torch.int16).item() > codec.plan(fit(small)).scale_exp  # scale was raised
+    for bad in (math.inf, math.nan):
+        y = x.clone()
+        y[77] = bad
+        ref, got = _both(monkeypatch, lambda: codec.encode(y, key=3, plan=codec.plan(fit(x))))
+        assert torch.equal(ref, got) and got[1].item() == 1  # the non-finite flag
