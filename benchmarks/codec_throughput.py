@@ -6,6 +6,8 @@ memory-bandwidth yardstick the codec ratios are quoted against. Two kinds of row
 
 * format rows (``fp6_e3m2_*``): the FP kernels alone, on the native fused path
   (:mod:`gradcomp.kernels`) and on the eager reference path;
+* format-function rows: ``gradcomp.encode`` / ``decode`` (FP6 codes, unpacked) and
+  ``gradcomp.pack`` / ``unpack`` (6-bit codes), native and eager;
 * codec rows (``codec:...``): every codec's full ``encode`` (header, fit-derived plan given,
   no-saturation check, pruning/positions) and ``decode_payload`` into a preallocated buffer,
   on the native kernels (``native``: what training uses) and on the eager reference.
@@ -69,6 +71,7 @@ def _codecs() -> list[tuple[str, object]]:
 
 
 def run(numel: int, repeats: int, threads: list[int], progress: bool, paths: list[str]) -> dict:
+    import gradcomp
     from gradcomp import kernels
     from gradcomp.codecs import decode_payload
     from gradcomp.codecs.base import fit_or_none
@@ -109,8 +112,21 @@ def run(numel: int, repeats: int, threads: list[int], progress: bool, paths: lis
                 enc_s = _time(lambda: encode_fp_values(x, plan, st, derive_key(1)), repeats)
                 dec_s = _time(lambda: decode_fp_values(packed, case.fmt, -9, numel, out), repeats)
                 row(case.name, case.fmt.name, case.rounding, nthreads, memcpy_s, enc_s, dec_s, path)
+        fmt6 = FPFormat(3, 2)
         for path in paths:
+            # The format functions on unpacked codes (gradcomp.encode/decode, pack/unpack):
+            # GB/s of the fp32 elements they stand for, like every other row.
             os.environ["GRADCOMP_KERNELS"] = "auto" if path == "native" else "eager"
+            if progress:
+                print(f"  {nthreads} thread(s), {path}: format functions ...", file=sys.stderr, flush=True)
+            codes = gradcomp.encode(x, fmt6, "stochastic", key=1, scale_exp=-9)
+            packed = gradcomp.pack(codes, 6)
+            row("gradcomp.encode / decode", fmt6.name, "stochastic", nthreads, memcpy_s,
+                _time(lambda: gradcomp.encode(x, fmt6, "stochastic", key=1, scale_exp=-9), repeats),
+                _time(lambda: gradcomp.decode(codes, fmt6, scale_exp=-9), repeats), path)
+            row("gradcomp.pack / unpack", "6-bit codes", "", nthreads, memcpy_s,
+                _time(lambda: gradcomp.pack(codes, 6), repeats),
+                _time(lambda: gradcomp.unpack(packed, 6, numel), repeats), path)
             for name, codec in _codecs():
                 if progress:
                     print(f"  {nthreads} thread(s), {path}: codec {name} ...", file=sys.stderr, flush=True)

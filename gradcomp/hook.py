@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import lognormal
+from . import kernels, lognormal
 from .codecs import Codec, decode_payload
 from .codecs.base import ShardFit, fit_or_none
 from .collectives import allgather_mean, allreduce_mean, choose_collective, two_phase_mean
@@ -78,9 +78,11 @@ class CompressionState:
             ``"allreduce"`` (summable codecs only).
         reduce_codec: codec for the two-phase re-encode; default ``codec.reduce_codec()``.
 
-    Invalid settings raise ``ValueError`` here, never mid-training. The state pickles without
-    its process group and worker thread (like torch's PowerSGD state); ``state_dict()`` holds
-    only tensors and numbers (``torch.load(weights_only=True)`` reads it).
+    Constructing a state builds (first time, about a minute) or loads the native codec kernels
+    (:mod:`gradcomp.kernels`), so no training step waits for a compiler. Invalid settings raise
+    ``ValueError`` here, never mid-training. The state pickles without its process group and
+    worker thread (like torch's PowerSGD state); ``state_dict()`` holds only tensors and
+    numbers (``torch.load(weights_only=True)`` reads it).
     """
 
     def __init__(
@@ -128,6 +130,9 @@ class CompressionState:
         self._lock = threading.Lock()
         # ---- stats
         self._stats = _Stats()
+        # Build (or load) the native codec kernels now, not inside the first step's backward:
+        # a first build takes about a minute (announced on stderr), a cached one milliseconds.
+        kernels.warmup()
 
     # ------------------------------------------------------------------ setup / pickling
     def _bind_group(self) -> None:

@@ -223,3 +223,50 @@ def prune_scatter(values, flags, signs, rem, unary, unary_bits, k, n, alpha, out
         return None
     return int(mod.prune_scatter(values, flags, signs, rem, unary, unary_bits, k, n, float(alpha),
                                  out, bool(accumulate)))
+
+
+# ---- the format functions (gradcomp.encode / decode / pack / unpack) on unpacked codes
+
+
+def encode_codes(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int,
+                 scale_exp: int) -> tuple[torch.Tensor, bool] | None:
+    """``(codes, x holds NaN)`` for float32 CPU ``x`` (codes of ``x``'s shape; uint8 up to 8
+    bits, int32 above), or ``None`` if not applicable."""
+    if not _applies(x):
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    codes, nan = mod.encode_codes(*_encode_args(x, fmt, stochastic, key, scale_exp), fmt.bits > 8)
+    return codes, bool(nan.item())
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, bool] | None:
+    """``(packed bytes, every code in 0 .. 2**bits - 1)`` for uint8/int32 CPU ``codes`` (the bytes
+    are meaningful only when the flag is true), or ``None`` if not applicable."""
+    if codes.device.type != "cpu" or codes.dtype not in (torch.uint8, torch.int32):
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    packed, ok = mod.pack_codes(codes, bits)
+    return packed, bool(ok.item())
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor | None:
+    """``numel`` codes of a packed CPU stream (sizes checked by the caller), or ``None``."""
+    if packed.device.type != "cpu":
+        return None
+    mod = native()
+    return None if mod is None else mod.unpack_codes(packed, bits, numel)
+
+
+def decode_codes(codes: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """``(table[codes] as float32, all codes in range)`` for uint8/int32 CPU codes, or ``None``."""
+    if codes.device.type != "cpu" or codes.dtype not in (torch.uint8, torch.int32):
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    return out, bool(mod.decode_codes(codes, table.contiguous(), out))

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from . import kernels
+
 MIN_BITS, MAX_BITS = 1, 16
 
 
@@ -55,6 +57,9 @@ def pack_unchecked(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """:func:`pack` without validating code values (for hot paths whose codes are in range)."""
     flat = codes.reshape(-1)
     n = flat.numel()
+    fast = kernels.pack_codes(flat, bits) if n else None
+    if fast is not None and fast[1]:  # the native kernel (uint8/int32 CPU codes): the same bytes
+        return fast[0]
     if bits == 8:
         return flat.to(torch.uint8)
     group, nbytes, terms = _group_plan(bits)
@@ -82,6 +87,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() \
             or codes.dtype == torch.bool:
         raise ValueError("pack: expected an integer tensor of codes")
+    fast = kernels.pack_codes(codes.reshape(-1), bits) if codes.numel() else None
+    if fast is not None and fast[1]:  # packed and range-checked in one native pass
+        return fast[0]
     if codes.numel() and bool(((codes < 0) | (codes.to(torch.int64) >= 2**bits)).any()):
         raise ValueError(f"pack: codes must be in 0..{2**bits - 1} for bits={bits}")
     return pack_unchecked(codes, bits)
@@ -103,6 +111,9 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
             f"unpack: {numel} codes of {bits} bits need {expected} bytes, got {packed.numel()}"
         )
     out_dtype = torch.uint8 if bits <= 8 else torch.int32
+    fast = kernels.unpack_codes(packed, bits, numel) if numel else None
+    if fast is not None:  # the native kernel: the same codes
+        return fast
     if bits == 8:
         return packed.clone()
     group, nbytes, terms = _group_plan(bits)

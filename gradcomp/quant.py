@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .formats import FPFormat
 from .rng import hash_bits, resolve_key
 
@@ -169,13 +170,18 @@ def encode(
     _check_input(x, "encode")
     stochastic = _check_rounding(rounding)
     k = resolve_key(generator, key, "encode") if stochastic else 0
-    if nan_check and bool(torch.isnan(x).any()):
+    scale_exp = _check_scale(scale_exp)
+    # The native kernel (float32 CPU) gives the same codes and finds NaN in the same pass.
+    fast = kernels.encode_codes(x, fmt, stochastic, k, scale_exp) if x.numel() else None
+    if nan_check and (fast[1] if fast is not None else bool(torch.isnan(x).any())):
         raise ValueError(
             f"encode: input has NaN, and {fmt.name} has no NaN code; check with "
             "gradcomp.has_nonfinite() and carry a flag, or pass nan_check=False to saturate NaN"
         )
+    if fast is not None:
+        return fast[0]
     xs, src = _as_source(x)
-    return _encode_bits(xs, src, fmt, stochastic, k, _check_scale(scale_exp)).to(code_dtype(fmt))
+    return _encode_bits(xs, src, fmt, stochastic, k, scale_exp).to(code_dtype(fmt))
 
 
 def _check_scale(scale_exp: int) -> int:
@@ -208,10 +214,14 @@ def decode(codes: torch.Tensor, fmt: FPFormat, *, scale_exp: int = 0) -> torch.T
     """
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
         raise ValueError("decode: expected an integer tensor of codes")
+    table = decode_table(fmt, codes.device, _check_scale(scale_exp))
+    fast = kernels.decode_codes(codes, table) if codes.numel() else None
+    if fast is not None and fast[1]:  # the native kernel: the same values, one pass
+        return fast[0]
     idx = codes.to(torch.int64)
     if idx.numel() and bool(((idx < 0) | (idx >= fmt.num_codes)).any()):
         raise ValueError(f"decode: codes must be in 0..{fmt.num_codes - 1} for {fmt.name}")
-    return decode_table(fmt, codes.device, _check_scale(scale_exp))[idx]
+    return table[idx]
 
 
 def quantize(

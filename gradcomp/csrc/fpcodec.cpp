@@ -7,7 +7,37 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
+
 namespace gradcomp {
+
+namespace {
+
+Fmt make_fmt(int64_t e, int64_t m, int64_t bias, int64_t scale, bool stochastic, int64_t k0,
+             int64_t k1, bool true_binade, bool left_shift) {
+  Fmt f{static_cast<int32_t>(e), static_cast<int32_t>(m), static_cast<int32_t>(bias),
+        static_cast<int32_t>(1 - bias), static_cast<int32_t>((1 << (e + m)) - 1),
+        static_cast<int32_t>(scale), stochastic, true_binade, left_shift,
+        static_cast<uint32_t>(k0), static_cast<uint32_t>(k1)};
+  f.zero_m = m == 0 ? 1 : 0;
+  return f;
+}
+
+// Codes of the len (<= kBlock) float32 bit patterns s[0..len), element indices base + i.
+inline void encode_block(const uint32_t* __restrict s, uint32_t base, int64_t len, const Fmt& fmt,
+                         int32_t* __restrict codes) {
+  const Fmt f = fmt;  // a local copy: `codes` cannot alias it, so the loops vectorize
+  const bool rare = f.true_binade || f.left_shift;
+  if (f.stochastic) {
+    if (rare) for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<true, true>(s[i], base + i, f);
+    else for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<true, false>(s[i], base + i, f);
+  } else {
+    if (rare) for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<false, true>(s[i], base + i, f);
+    else for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<false, false>(s[i], base + i, f);
+  }
+}
+
+}  // namespace
 
 
 
@@ -26,14 +56,9 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
   if (want_stats)
     TORCH_CHECK(stats->dtype() == torch::kInt64 && stats->numel() == 2 && stats->is_contiguous(),
                 "encode_pack: stats must be a contiguous int64 tensor of 2");
-  Fmt f{static_cast<int32_t>(e), static_cast<int32_t>(m), static_cast<int32_t>(bias),
-        static_cast<int32_t>(1 - bias), static_cast<int32_t>((1 << (e + m)) - 1),
-        static_cast<int32_t>(scale), stochastic, true_binade, left_shift,
-        static_cast<uint32_t>(k0), static_cast<uint32_t>(k1)};
-  f.zero_m = m == 0 ? 1 : 0;
+  const Fmt f = make_fmt(e, m, bias, scale, stochastic, k0, k1, true_binade, left_shift);
   const uint32_t* src = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
   uint8_t* dst = out.data_ptr<uint8_t>();
-  const bool rare = f.true_binade || f.left_shift;
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   // Per chunk: the largest finite |x| (as its bit pattern: non-negative floats order as
   // integers) and whether an inf or NaN occurred -- the no-saturation check of the caller,
@@ -63,13 +88,7 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
           mx = std::max(mx, bmx);
           bad |= bbad;
         }
-        if (f.stochastic) {
-          if (rare) for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<true, true>(s[i], base + i, f);
-          else for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<true, false>(s[i], base + i, f);
-        } else {
-          if (rare) for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<false, true>(s[i], base + i, f);
-          else for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<false, false>(s[i], base + i, f);
-        }
+        encode_block(s, base, len, f, codes);
         if (bits <= 8 && len == kBlock) {
           // 8 codes fill exactly `bits` bytes: pack each group into one 64-bit word. Store all 8
           // bytes (a fixed-size store, not a libc call); the next group overwrites the extra
@@ -111,10 +130,11 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
 
 namespace {
 
-// Decode codes [start, stop) of a packed stream (start a multiple of 8, so on a byte boundary)
-// through `tab` into dst[0 .. stop - start).
-inline void decode_range(const uint8_t* src, int64_t total_bytes, const float* tab, int64_t bits,
-                         int64_t start, int64_t stop, float* dst) {
+// Read codes [start, stop) of a packed stream (start a multiple of 8, so on a byte boundary)
+// and hand each to emit(i - start, code).
+template <typename Emit>
+inline void read_codes(const uint8_t* src, int64_t total_bytes, int64_t bits, int64_t start,
+                       int64_t stop, Emit emit) {
   const uint64_t mask = (uint64_t(1) << bits) - 1;
   int64_t pos = start * bits / 8;
   int64_t i = start;
@@ -128,8 +148,7 @@ inline void decode_range(const uint8_t* src, int64_t total_bytes, const float* t
         std::memcpy(&word, src + pos, static_cast<size_t>(bits));
       }
       pos += bits;
-      float* d = dst + (i - start);
-      for (int j = 0; j < 8; ++j) d[j] = tab[(word >> (j * bits)) & mask];
+      for (int j = 0; j < 8; ++j) emit(i - start + j, static_cast<uint32_t>((word >> (j * bits)) & mask));
     }
   }
   uint64_t acc = 0;
@@ -143,10 +162,16 @@ inline void decode_range(const uint8_t* src, int64_t total_bytes, const float* t
       acc |= static_cast<uint64_t>(w) << nbits;
       nbits += 8 * static_cast<int>(avail);
     }
-    dst[i - start] = tab[acc & mask];
+    emit(i - start, static_cast<uint32_t>(acc & mask));
     acc >>= bits;
     nbits -= static_cast<int>(bits);
   }
+}
+
+// Decode codes [start, stop) through `tab` into dst[0 .. stop - start).
+inline void decode_range(const uint8_t* src, int64_t total_bytes, const float* tab, int64_t bits,
+                         int64_t start, int64_t stop, float* dst) {
+  read_codes(src, total_bytes, bits, start, stop, [&](int64_t j, uint32_t c) { dst[j] = tab[c]; });
 }
 
 void check_packed(const torch::Tensor& packed, const torch::Tensor& table, int64_t bits, int64_t n,
@@ -212,6 +237,124 @@ void decode_mean(std::vector<torch::Tensor> packed, std::vector<torch::Tensor> t
       }
     }
   });
+}
+
+// Codes of float32 `x` (gradcomp.quant.encode): uint8 when `wide` is false (formats of at most
+// 8 bits), int32 otherwise.
+// Returns (codes, [any NaN in x] as uint8): the NaN check of the caller, from the same pass.
+std::vector<torch::Tensor> encode_codes(torch::Tensor x, int64_t e, int64_t m, int64_t bias, int64_t scale,
+                                        bool stochastic, int64_t k0, int64_t k1, bool true_binade,
+                                        bool left_shift, bool wide) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              "encode_codes: expected a contiguous float32 CPU tensor");
+  const int64_t n = x.numel();
+  auto out = torch::empty(x.sizes(), x.options().dtype(wide ? torch::kInt32 : torch::kUInt8));
+  const Fmt f = make_fmt(e, m, bias, scale, stochastic, k0, k1, true_binade, left_shift);
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
+  int32_t* o32 = wide ? out.data_ptr<int32_t>() : nullptr;
+  uint8_t* o8 = wide ? nullptr : out.data_ptr<uint8_t>();
+  std::atomic<bool> any_nan{false};
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t c0, int64_t c1) {
+    alignas(64) int32_t codes[kBlock];
+    uint32_t nan = 0;
+    for (int64_t b = c0 * kChunk; b < std::min(n, c1 * kChunk); b += kBlock) {
+      const int64_t len = std::min(kBlock, n - b);
+      for (int64_t i = 0; i < len; ++i) nan |= static_cast<uint32_t>((src[b + i] & 0x7FFFFFFFu) > 0x7F800000u);
+      encode_block(src + b, static_cast<uint32_t>(b), len, f, codes);
+      if (wide) std::memcpy(o32 + b, codes, static_cast<size_t>(len) * 4);
+      else for (int64_t i = 0; i < len; ++i) o8[b + i] = static_cast<uint8_t>(codes[i]);
+    }
+    if (nan) any_nan = true;
+  });
+  auto flag = torch::full({1}, any_nan.load() ? 1 : 0, x.options().dtype(torch::kUInt8));
+  return {out, flag};
+}
+
+// Pack integer codes (uint8 or int32, each in 0 .. 2**bits - 1) into the little-endian bit
+// stream of gradcomp.packing. Returns (bytes, [all codes in range] as uint8); out-of-range
+// codes leave the bytes unspecified.
+std::vector<torch::Tensor> pack_codes(torch::Tensor codes, int64_t bits) {
+  TORCH_CHECK(codes.device().is_cpu() && (codes.dtype() == torch::kUInt8 || codes.dtype() == torch::kInt32),
+              "pack_codes: uint8 or int32 CPU codes");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "pack_codes: bits must be in 1..16");
+  auto c = codes.contiguous().reshape({-1});
+  const int64_t n = c.numel();
+  auto out = torch::empty({(n * bits + 7) / 8}, c.options().dtype(torch::kUInt8));
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const bool wide = c.dtype() == torch::kInt32;
+  const int32_t* c32 = wide ? c.data_ptr<int32_t>() : nullptr;
+  const uint8_t* c8 = wide ? nullptr : c.data_ptr<uint8_t>();
+  const uint32_t limit = uint32_t(1) << bits;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t k0, int64_t k1) {
+    uint32_t bad = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t start = k * kChunk, stop = std::min(n, start + kChunk);
+      BitWriter w{dst + start * bits / 8};  // chunks start on byte boundaries
+      for (int64_t i = start; i < stop; ++i) {
+        const uint32_t code = wide ? static_cast<uint32_t>(c32[i]) : static_cast<uint32_t>(c8[i]);
+        bad |= static_cast<uint32_t>(code >= limit);  // a negative int32 is huge as uint32
+        w.put(code & (limit - 1), static_cast<int>(bits));
+      }
+      w.flush();
+    }
+    if (bad) ok = false;
+  });
+  auto flag = torch::full({1}, ok.load() ? 1 : 0, c.options().dtype(torch::kUInt8));
+  return {out, flag};
+}
+
+// Unpack `numel` codes of `bits` bits (uint8 for bits <= 8, int32 otherwise).
+torch::Tensor unpack_codes(torch::Tensor packed, int64_t bits, int64_t numel) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.device().is_cpu(), "unpack_codes: uint8 CPU bytes");
+  TORCH_CHECK(bits >= 1 && bits <= 16 && packed.numel() == (numel * bits + 7) / 8,
+              "unpack_codes: wrong packed size");
+  auto p = packed.contiguous();
+  const bool wide = bits > 8;
+  auto out = torch::empty({numel}, p.options().dtype(wide ? torch::kInt32 : torch::kUInt8));
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  int32_t* o32 = wide ? out.data_ptr<int32_t>() : nullptr;
+  uint8_t* o8 = wide ? nullptr : out.data_ptr<uint8_t>();
+  at::parallel_for(0, (numel + kChunk - 1) / kChunk, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t start = k * kChunk, stop = std::min(numel, start + kChunk);
+      if (wide) read_codes(src, p.numel(), bits, start, stop,
+                           [&](int64_t j, uint32_t c) { o32[start + j] = static_cast<int32_t>(c); });
+      else read_codes(src, p.numel(), bits, start, stop,
+                      [&](int64_t j, uint32_t c) { o8[start + j] = static_cast<uint8_t>(c); });
+    }
+  });
+  return out;
+}
+
+// Values of integer codes through `table` (gradcomp.quant.decode); false (nothing usable
+// written) if a code is outside the table.
+bool decode_codes(torch::Tensor codes, torch::Tensor table, torch::Tensor out) {
+  TORCH_CHECK(codes.device().is_cpu() && (codes.dtype() == torch::kUInt8 || codes.dtype() == torch::kInt32),
+              "decode_codes: uint8 or int32 CPU codes");
+  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.is_contiguous(), "decode_codes: float32 table");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == codes.numel(),
+              "decode_codes: float32 out of the codes' size");
+  auto c = codes.contiguous();
+  const int64_t n = c.numel();
+  const uint32_t size = static_cast<uint32_t>(table.numel());
+  const float* tab = table.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const bool wide = c.dtype() == torch::kInt32;
+  const int32_t* c32 = wide ? c.data_ptr<int32_t>() : nullptr;
+  const uint8_t* c8 = wide ? nullptr : c.data_ptr<uint8_t>();
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, n, kChunk, [&](int64_t b0, int64_t b1) {
+    uint32_t bad = 0;
+    for (int64_t i = b0; i < b1; ++i) {
+      const uint32_t code = wide ? static_cast<uint32_t>(c32[i]) : c8[i];  // negative -> huge
+      const uint32_t in = code < size;
+      bad |= in ^ 1u;
+      dst[i] = tab[in ? code : 0];
+    }
+    if (bad) ok = false;
+  });
+  return ok.load();
 }
 
 }  // namespace gradcomp

@@ -1,6 +1,8 @@
 """The native fast path is bit-identical to the eager reference (random and edge inputs)."""
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -40,8 +42,28 @@ def _inputs() -> torch.Tensor:
     return torch.cat([edge, x, sub, -sub])
 
 
+@contextlib.contextmanager
+def _eager():
+    """Run the block on the eager reference (pack/unpack use the native kernels by default)."""
+    before = os.environ.get("GRADCOMP_KERNELS")
+    os.environ["GRADCOMP_KERNELS"] = "eager"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GRADCOMP_KERNELS"]
+        else:
+            os.environ["GRADCOMP_KERNELS"] = before
+
+
 def _reference(x, fmt, stochastic, key, k):
-    return pack_unchecked(_encode_bits(x, _F32, fmt, stochastic, key, k), fmt.bits)
+    with _eager():
+        return pack_unchecked(_encode_bits(x, _F32, fmt, stochastic, key, k), fmt.bits)
+
+
+def _unpack_ref(packed, bits, numel):
+    with _eager():
+        return unpack(packed, bits, numel)
 
 
 @pytest.mark.parametrize("fmt", list(_all_formats()), ids=lambda f: f.name)
@@ -56,7 +78,7 @@ def test_encode_pack_and_unpack_decode_match_eager(native, fmt):
             table = decode_table(fmt, "cpu", k)
             out = torch.empty_like(x)
             assert kernels.unpack_decode(got, table, fmt.bits, out)
-            want = table[unpack(ref, fmt.bits, x.numel()).long()]
+            want = table[_unpack_ref(ref, fmt.bits, x.numel()).long()]
             assert torch.equal(out.view(torch.int32), want.view(torch.int32)), (fmt, stochastic, k)
 
 
@@ -70,7 +92,7 @@ def test_sizes_and_chunk_boundaries(native, numel):
         assert torch.equal(got, ref)
         out = torch.empty(numel)
         kernels.unpack_decode(got, decode_table(fmt), fmt.bits, out)
-        assert torch.equal(out, decode_table(fmt)[unpack(ref, fmt.bits, numel).long()])
+        assert torch.equal(out, decode_table(fmt)[_unpack_ref(ref, fmt.bits, numel).long()])
 
 
 def test_not_applicable_falls_back(native):
@@ -85,3 +107,37 @@ def test_mode_validation(monkeypatch):
         kernels.kernel_mode()
     monkeypatch.setenv("GRADCOMP_KERNELS", "eager")
     assert kernels.native() is None
+
+
+@pytest.mark.parametrize("fmt", list(_all_formats()), ids=lambda f: f.name)
+def test_format_functions_match_eager(native, fmt):
+    """gradcomp.encode / decode / pack / unpack: native (default) and eager give the same bits."""
+    import gradcomp
+
+    x = _inputs()
+    x = x[~x.isnan()][:70_616].reshape(-1, 8)  # 2-D, no NaN (encode refuses NaN by default)
+    for rounding, k in (("nearest", 0), ("stochastic", -20), ("nearest", 9)):
+        key = 5 if rounding == "stochastic" else None
+        codes = gradcomp.encode(x, fmt, rounding, key=key, scale_exp=k)
+        with _eager():
+            ref = gradcomp.encode(x, fmt, rounding, key=key, scale_exp=k)
+        assert codes.dtype == ref.dtype and codes.shape == ref.shape and torch.equal(codes, ref)
+        packed = gradcomp.pack(codes, fmt.bits)
+        with _eager():
+            assert torch.equal(packed, gradcomp.pack(codes, fmt.bits))
+            unpacked_ref = gradcomp.unpack(packed, fmt.bits, codes.numel())
+        unpacked = gradcomp.unpack(packed, fmt.bits, codes.numel())
+        assert unpacked.dtype == unpacked_ref.dtype and torch.equal(unpacked, unpacked_ref)
+        values = gradcomp.decode(codes, fmt, scale_exp=k)
+        with _eager():
+            want = gradcomp.decode(codes, fmt, scale_exp=k)
+        assert values.shape == want.shape and torch.equal(values.view(torch.int32), want.view(torch.int32))
+
+
+def test_decode_rejects_out_of_range_codes_like_eager(native):
+    import gradcomp
+
+    fmt = FPFormat(2, 1)
+    for bad in (torch.tensor([1, 16], dtype=torch.uint8), torch.tensor([3, -1], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="codes must be in 0..15"):
+            gradcomp.decode(bad, fmt)
