@@ -77,7 +77,9 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
         const int64_t len = std::min(kBlock, stop - b);
         const uint32_t* s = src + b;
         const uint32_t base = static_cast<uint32_t>(b);
-        if (want_stats) {
+        {
+          // Always run (it is nearly free, and it brings the block into L1 before the encode
+          // loop: measured 35 -> 22 ms for 16M FP6 stochastic codes on one thread).
           uint32_t bmx = 0, bbad = 0;  // block-local reductions vectorize
           for (int64_t i = 0; i < len; ++i) {
             const uint32_t au = s[i] & 0x7FFFFFFFu;

@@ -1,7 +1,5 @@
 """The training loop on 2 spawned gloo ranks: hooks, identical results, checkpoint and resume."""
 
-import torch
-
 from . import train_cases
 from .harness import spawn
 
