@@ -41,8 +41,11 @@ setup_horovod() {
 
 case "${1:-}" in
     main) shift; setup_env
+          # Re-running starts over in runs/main, unless the caller asks to --resume it.
+          fresh=--overwrite
+          for a in "$@"; do [ "$a" = --resume ] && fresh=; done
           exec "$venv/bin/gradcomp-launch" --workers 2 --codec prune-fp --sparsity 0.85 --bits 6 \
-              --model resnet1d --act-bits 2 --dataset mnist1d --epochs 12 --lr 0.2 --output runs/main "$@" ;;
+              --model resnet1d --act-bits 2 --dataset mnist1d --epochs 12 --lr 0.2 --output runs/main $fresh "$@" ;;
     test) shift; setup_env; setup_horovod; exec "$venv/bin/python" -m pytest "$@" ;;
     demo) shift; setup_env; exec "$venv/bin/python" -m gradcomp demo "$@" ;;
     setup) setup_env; setup_horovod ;;

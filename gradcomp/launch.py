@@ -121,11 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("output")
     r.add_argument("--output", default=None, help="results directory (default: runs/<time>-<codec>)")
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUTPUT that holds a previous run (deletes its checkpoints, "
+                        "Ray state, results.json and metrics.jsonl)")
     r.add_argument("--checkpoint-every", type=_nonneg_int, default=50, help="steps between checkpoints (0: epochs only)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     # Testing fault tolerance: worker RANK SIGKILLs itself at STEP on the first attempt.
     r.add_argument("--inject-fault", type=_fault_spec, default=None, metavar="RANK:STEP", help=argparse.SUPPRESS)
     return p
+
+
+RUN_ARTIFACTS = ("checkpoints", "ray", "results.json", "metrics.jsonl")
+
+
+def previous_run_artifacts(output: Path) -> list[Path]:
+    """What a previous launch left in ``output`` (the only paths ``--overwrite`` deletes)."""
+    return [output / name for name in RUN_ARTIFACTS if (output / name).exists()]
 
 
 def config_from_args(args: argparse.Namespace, output: Path) -> TrainConfig:
@@ -202,6 +213,8 @@ def _ray_worker(payload: dict) -> None:
     if checkpoint is not None:
         tmp = tempfile.mkdtemp(prefix="gradcomp-restore-")
         ray_dir = checkpoint.to_directory(tmp)
+        if not (Path(ray_dir) / "model.pt").is_file():
+            ray_dir = None  # the final "result" report of a finished run (--resume): not a training state
     resume_from = _choose_resume(ray_dir, config.checkpoint_dir, rank, ctx.get_world_size())
     fault = payload.get("inject_fault")
     # Only the first attempt crashes: a restarted group resumes from a checkpoint.
@@ -354,8 +367,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
     if output.exists() and not output.is_dir():
         parser.error(f"--output {output} exists and is not a directory")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output and --overwrite deletes it: pass one")
     if args.resume and not (output / "checkpoints" / "latest").is_file():
         parser.error(f"--resume: no checkpoint under {output / 'checkpoints'}")
+    previous = previous_run_artifacts(output)
+    if previous and not (args.resume or args.overwrite):
+        # Starting fresh on top of an old run would mix its checkpoints and Ray state with the
+        # new one (Ray would even restore the old run's last checkpoint): never silently.
+        parser.error(f"--output {output} holds a previous run ({', '.join(p.name for p in previous)}); "
+                     "pass --resume to continue it or --overwrite to start over")
+    if args.overwrite:
+        for path in previous:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if args.gpus_per_worker:
         import torch
 

@@ -58,3 +58,40 @@ def test_config_mapping_and_table(tmp_path):
                           "bits_per_element": 1.25, "step_time_p50": 0.01, "step_time_p90": 0.02,
                           "wall_seconds": 3.0, "restarts": 1, "resumed_from_step": 5, "collective": "allgather"})
     assert "91.23 %" in table and "1.250" in table and "resumed from step 5" in table
+
+
+def _previous_run(out):
+    (out / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-00000010")
+    (out / "ray" / "train").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    (out / "notes.txt").write_text("mine")  # not a run artifact: never deleted
+
+
+def test_output_with_a_previous_run_needs_resume_or_overwrite(tmp_path, capsys):
+    _previous_run(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["--output", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds a previous run" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "checkpoints" / "latest").is_file() and (tmp_path / "ray").is_dir()  # untouched
+    with pytest.raises(SystemExit) as exc:
+        main(["--output", str(tmp_path), "--resume", "--overwrite"])
+    assert exc.value.code == 2 and "pass one" in capsys.readouterr().err
+
+
+def test_overwrite_deletes_only_the_previous_runs_artifacts(tmp_path, monkeypatch):
+    import gradcomp.launch as launch
+
+    _previous_run(tmp_path)
+    started = []
+
+    def fake_run(args, output):  # stop where Ray would start
+        started.append(sorted(p.name for p in output.iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    assert main(["--output", str(tmp_path), "--overwrite"]) == 130
+    assert started == [["notes.txt"]]
