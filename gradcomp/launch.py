@@ -360,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 with a message on bad arguments
     if args.output is None:
         args.output = str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.codec}")
-    output = Path(args.output)
+    # Absolute: Ray workers run in their own working directory, where a relative path would
+    # put checkpoints and metrics.jsonl in Ray's temp dir (deleted after the run).
+    output = Path(args.output).absolute()
     try:
         config_from_args(args, output)
     except ValueError as e:
