@@ -297,6 +297,36 @@ __all__ = ["RECIPE", "QUICK", "Variant", "run_grid", "summary", "pct", "diff_pct
            "load_json", "set_threads", "environment", "collect"]
 
 
+def two_panel_figure():
+    """A headless 1x2 matplotlib figure: ``(fig, (ax1, ax2))``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 2, figsize=(11, 4.2))
+
+
+def finish_axes(ax, *, ylabel: str, title: str, xlabel: str | None = None,
+                legend_fontsize: int | None = 8) -> None:
+    """Label ``ax``, add the light grid and the legend every reproduction plot uses."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_fontsize)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (120 dpi) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def script_main(doc: str, stem: str, variants, markdown, plot, argv=None, **collect_kw) -> int:
     """Run a reproduction script: parse the common arguments, collect, save MD/JSON, plot, print."""
     a = parse_args(doc.splitlines()[0], argv)

@@ -136,13 +136,8 @@ def _reading(data: dict) -> str:
 
 
 def plot(data: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s, base = data["summary"], data["summary"]["fp32"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = G.two_panel_figure()
     xs = [100 * sp for sp in SPARSITIES]
     ax1.axhspan(100 * (base["mean"] - base["std"]), 100 * (base["mean"] + base["std"]), color="0.85",
                 label="fp32 baseline ± std")
@@ -154,11 +149,8 @@ def plot(data: dict, path: str) -> None:
         ax1.scatter([x] * len(data["runs"][k]), [100 * r["final_accuracy"] for r in data["runs"][k]], s=8,
                     color="C0", alpha=0.4)
     ax1.axvline(85, color="C3", ls=":", label="paper: no degradation up to 85%")
-    ax1.set_xlabel("target neural-gradient sparsity (%)")
-    ax1.set_ylabel("test accuracy (%)")
-    ax1.set_title(f"resnet1d on MNIST-1D, {len(data['seeds'])} seed(s)")
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
+    G.finish_axes(ax1, xlabel="target neural-gradient sparsity (%)", ylabel="test accuracy (%)",
+                  title=f"resnet1d on MNIST-1D, {len(data['seeds'])} seed(s)")
     ms = [measured_sparsity(data["runs"][k]) for k in keys]
     ok = [(x, m) for x, m in zip(xs, ms) if m["mean"] is not None]
     ax2.plot([0, 100], [0, 100], color="k", lw=0.8, label="measured = target")
@@ -167,14 +159,9 @@ def plot(data: dict, path: str) -> None:
                  marker="o", capsize=3, label="measured (range over layers)")
     ax2.set_xlim(40, 100)
     ax2.set_ylim(40, 100)
-    ax2.set_xlabel("target sparsity (%)")
-    ax2.set_ylabel("measured sparsity of nonzero entries (%)")
-    ax2.set_title("lognormal threshold on real gradients")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    G.finish_axes(ax2, xlabel="target sparsity (%)", ylabel="measured sparsity of nonzero entries (%)",
+                  title="lognormal threshold on real gradients")
+    G.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -317,14 +317,9 @@ def _reading(data: dict, st: dict) -> str:
 
 
 def plot(data: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s, base = data["summary"], data["summary"]["fp32"]
     order = sorted(OFFSETS)  # -2, -1, 0, +1 on the x axis
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = G.two_panel_figure()
     ax1.axhspan(100 * (base["mean"] - base["std"]), 100 * (base["mean"] + base["std"]), color="0.85",
                 label="fp32 baseline ± std")
     ax1.axhline(100 * base["mean"], color="0.4", lw=1)
@@ -339,10 +334,8 @@ def plot(data: dict, path: str) -> None:
                              yerr=[100 * s[_key(b, o) + x]["std"] for o in near], marker=m, mfc="none", ls=ls,
                              color=c, capsize=3, label=f"FP{b}, {name}")
     ax1.set_xticks(order, [_col(o) for o in order])
-    ax1.set_ylabel("test accuracy (%)")
-    ax1.set_title(f"resnet1d on MNIST-1D, {len(data['seeds'])} seed(s)")
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
+    G.finish_axes(ax1, ylabel="test accuracy (%)", title=f"resnet1d on MNIST-1D, {len(data['seeds'])} seed(s)",
+                  legend_fontsize=7)
     for b, m in zip(BITS, ("o", "s")):
         ax2.plot(order, [100 * (s[_key(b, o)]["mean"] - base["mean"]) for o in order], marker=m, lw=2,
                  label=f"ours FP{b}, resnet1d MNIST-1D")
@@ -355,13 +348,9 @@ def plot(data: dict, path: str) -> None:
                      label=f"seed {fp}, {t['model']} {t['data']}")
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_xticks(order, [_col(o) for o in order])
-    ax2.set_ylabel("accuracy difference to fp32 (pp)")
-    ax2.set_title("drop vs baseline, ours and the seed's")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    G.finish_axes(ax2, ylabel="accuracy difference to fp32 (pp)", title="drop vs baseline, ours and the seed's",
+                  legend_fontsize=7)
+    G.save_figure(fig, path)
 
 
 def main(argv=None) -> int:

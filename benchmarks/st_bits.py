@@ -77,22 +77,14 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = G.two_panel_figure()
     for v in VARIANTS:
         curves = [r["test_accuracy_per_epoch"] for r in data["runs"][v.key]]
         n = min(len(c) for c in curves)
         mean = [100 * sum(c[e] for c in curves) / len(curves) for e in range(n)]
         ax1.plot(range(1, n + 1), mean, marker="o", ms=3, label=v.label)
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("test accuracy (%)")
-    ax1.set_title(f"resnet1d on MNIST-1D, mean of {len(data['seeds'])} seed(s)")
-    ax1.grid(alpha=0.3)
-    ax1.legend()
+    G.finish_axes(ax1, xlabel="epoch", ylabel="test accuracy (%)",
+                  title=f"resnet1d on MNIST-1D, mean of {len(data['seeds'])} seed(s)", legend_fontsize=None)
     fp = data["summary"]["fp32"]
     ours = [100 * (data["summary"][f"{b}bit"]["mean"] - fp["mean"]) for b in BITS]
     err = [100 * (data["summary"][f"{b}bit"]["std"] ** 2 + fp["std"] ** 2) ** 0.5 for b in BITS]
@@ -102,14 +94,9 @@ def plot(data: dict, path: str) -> None:
         ax2.plot(xs, [v for v in PAPER_DIFF[name] if v is not None], style, label=f"paper: {name}, ImageNet")
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_xticks(BITS)
-    ax2.set_xlabel("activation bits")
-    ax2.set_ylabel("top-1 difference to full precision (pp)")
-    ax2.set_title("gap to full precision")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    G.finish_axes(ax2, xlabel="activation bits", ylabel="top-1 difference to full precision (pp)",
+                  title="gap to full precision")
+    G.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
