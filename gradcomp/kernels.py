@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -101,6 +102,11 @@ def warmup() -> bool:
     return native() is not None
 
 
+def _native_unless(not_applicable: bool):
+    """The native module, or ``None`` when the inputs do not suit it or it is unavailable."""
+    return None if not_applicable else native()
+
+
 def _applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
@@ -115,9 +121,7 @@ def _encode_args(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int, sca
 
 def encode_pack(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int, scale_exp: int) -> torch.Tensor | None:
     """Packed codes of float32 CPU ``x`` (same bits as the eager path), or ``None`` if not applicable."""
-    if not _applies(x):
-        return None
-    mod = native()
+    mod = _native_unless(not _applies(x))
     if mod is None:
         return None
     return mod.encode_pack(*_encode_args(x, fmt, stochastic, key, scale_exp), 0, None)
@@ -128,23 +132,19 @@ def encode_pack_with_stats(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key
     """Like :func:`encode_pack`, with ``offset`` free bytes in front of the codes (for a payload
     header) and, from the same pass over ``x``, ``max |x|`` over finite entries and whether ``x``
     holds an inf or NaN: ``(buffer, max_abs, nonfinite)``, or ``None`` if not applicable."""
-    if not _applies(x):
-        return None
-    mod = native()
+    mod = _native_unless(not _applies(x))
     if mod is None:
         return None
     stats = torch.zeros(2, dtype=torch.int64)
     out = mod.encode_pack(*_encode_args(x, fmt, stochastic, key, scale_exp), offset, stats)
     max_bits, bad = stats.tolist()
-    max_abs = torch.tensor([max_bits], dtype=torch.int32).view(torch.float32).item()
+    (max_abs,) = struct.unpack("<f", struct.pack("<I", max_bits))  # the float32 of those bits
     return out, max_abs, bool(bad)
 
 
 def unpack_decode(packed: torch.Tensor, table: torch.Tensor, bits: int, out: torch.Tensor) -> bool:
     """Decode ``packed`` through the float32 ``table`` into contiguous float32 CPU ``out``."""
-    if packed.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32:
-        return False
-    mod = native()
+    mod = _native_unless(packed.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32)
     if mod is None:
         return False
     mod.unpack_decode(packed.contiguous(), table.contiguous(), bits, out)
@@ -158,10 +158,8 @@ def decode_mean(packed: list[torch.Tensor], tables: list[torch.Tensor], bits: li
     Sums left to right and divides in float32, as the eager decode, ``add_`` and ``div_`` do,
     in one pass over ``out``; ``False`` (nothing written) when the native path does not apply.
     """
-    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32 \
-            or any(p.device.type != "cpu" for p in packed):
-        return False
-    mod = native()
+    mod = _native_unless(out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32
+                         or any(p.device.type != "cpu" for p in packed))
     if mod is None:
         return False
     mod.decode_mean([p.contiguous() for p in packed], [t.contiguous() for t in tables],
@@ -176,9 +174,7 @@ def prune_select(x: torch.Tensor, alpha: float, key: int):
     |kept|, any non-finite input)`` -- what :func:`gradcomp.pruning.stochastic_prune` followed by
     the sparse encoder's compaction gives, bit for bit -- or ``None`` if not applicable.
     """
-    if not _applies(x) or x.numel() >= 2**31:
-        return None
-    mod = native()
+    mod = _native_unless(not _applies(x) or x.numel() >= 2**31)
     if mod is None:
         return None
     pos, kept, flags, signs, stats = mod.prune_select(x.contiguous(), float(alpha),
@@ -190,9 +186,7 @@ def prune_select(x: torch.Tensor, alpha: float, key: int):
 def rice_encode(idx: torch.Tensor, candidates: list[int]):
     """Rice-code sorted CPU positions with the cheapest of ``candidates``: ``(rem, unary, bits, k)``
     or ``None`` if not applicable."""
-    if idx.device.type != "cpu":
-        return None
-    mod = native()
+    mod = _native_unless(idx.device.type != "cpu")
     if mod is None:
         return None
     rem, unary, info = mod.rice_encode(idx.contiguous(), list(candidates))
@@ -202,9 +196,7 @@ def rice_encode(idx: torch.Tensor, candidates: list[int]):
 
 def rice_decode(rem: torch.Tensor, unary: torch.Tensor, unary_bits: int, k: int, n: int, numel: int):
     """``(positions int64, status)`` of a Rice-coded stream (status 0 ok, 1 count, 2 range), or ``None``."""
-    if rem.device.type != "cpu" or unary.device.type != "cpu":
-        return None
-    mod = native()
+    mod = _native_unless(rem.device.type != "cpu" or unary.device.type != "cpu")
     if mod is None:
         return None
     pos, status = mod.rice_decode(rem, unary, unary_bits, k, n, numel)
@@ -216,9 +208,7 @@ def prune_scatter(values, flags, signs, rem, unary, unary_bits, k, n, alpha, out
     """Decode PRUNE / PRUNE_FP streams into float32 CPU ``out`` (zeroed first; with
     ``accumulate``, added to ``out`` at the nonzero positions instead): the status code (0 ok,
     1 count, 2 range, 3 kept flags), or ``None`` if not applicable."""
-    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32:
-        return None
-    mod = native()
+    mod = _native_unless(out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32)
     if mod is None:
         return None
     return int(mod.prune_scatter(values, flags, signs, rem, unary, unary_bits, k, n, float(alpha),
@@ -232,9 +222,7 @@ def encode_codes(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int,
                  scale_exp: int) -> tuple[torch.Tensor, bool] | None:
     """``(codes, x holds NaN)`` for float32 CPU ``x`` (codes of ``x``'s shape; uint8 up to 8
     bits, int32 above), or ``None`` if not applicable."""
-    if not _applies(x):
-        return None
-    mod = native()
+    mod = _native_unless(not _applies(x))
     if mod is None:
         return None
     codes, nan = mod.encode_codes(*_encode_args(x, fmt, stochastic, key, scale_exp), fmt.bits > 8)
@@ -244,9 +232,7 @@ def encode_codes(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key: int,
 def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, bool] | None:
     """``(packed bytes, every code in 0 .. 2**bits - 1)`` for uint8/int32 CPU ``codes`` (the bytes
     are meaningful only when the flag is true), or ``None`` if not applicable."""
-    if codes.device.type != "cpu" or codes.dtype not in (torch.uint8, torch.int32):
-        return None
-    mod = native()
+    mod = _native_unless(codes.device.type != "cpu" or codes.dtype not in (torch.uint8, torch.int32))
     if mod is None:
         return None
     packed, ok = mod.pack_codes(codes, bits)
@@ -255,17 +241,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, bool] | No
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor | None:
     """``numel`` codes of a packed CPU stream (sizes checked by the caller), or ``None``."""
-    if packed.device.type != "cpu":
-        return None
-    mod = native()
+    mod = _native_unless(packed.device.type != "cpu")
     return None if mod is None else mod.unpack_codes(packed, bits, numel)
 
 
 def decode_codes(codes: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """``(table[codes] as float32, all codes in range)`` for uint8/int32 CPU codes, or ``None``."""
-    if codes.device.type != "cpu" or codes.dtype not in (torch.uint8, torch.int32):
-        return None
-    mod = native()
+    mod = _native_unless(codes.device.type != "cpu" or codes.dtype not in (torch.uint8, torch.int32))
     if mod is None:
         return None
     out = torch.empty(codes.shape, dtype=torch.float32)
