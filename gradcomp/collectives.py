@@ -13,7 +13,18 @@ compressed size ``S_c``):
 
 ``choose_collective("auto", ...)`` picks ``allreduce`` for summable codecs, ``allgather`` for
 ``N <= 2`` (same bytes as two-phase at N = 2, one round fewer, no reduce-side error) and
-``two_phase`` otherwise.
+``two_phase`` otherwise. For ``N > 2`` the hook state then re-decides per bucket with
+:func:`choose_by_size` on the payload sizes measured on every rank: the reduced mean of sparse
+payloads is denser than each rank's share (the union of their supports), and when the reduce
+payload ``R`` is large, ``(N-1)/N * S_c + (N-1) * R`` (two-phase) exceeds ``(N-1) * S_c``
+(all-gather).
+
+Messages: every collective call here is one round in which a rank sends one message to each of
+the ``N-1`` others (an exchange of sizes is a round of its own). ``ReduceStats.messages``
+counts them, nominally: a backend may add rounds of its own (Horovod's ``alltoall`` exchanges
+its splits internally). On a real link each message costs a few hundred bytes of framing
+(TCP/IP headers, acknowledgements, the backend's own header) on top of its payload, which is
+what a wire-level cost model adds (``benchmarks/bandwidth_accuracy.py`` measures it).
 
 Variable-size payloads (pruning) are exchanged without padding: the sizes go first (one small
 ``all_to_all`` of int64), then ``all_to_all_single`` with uneven splits (gloo's ``all_gather``
@@ -75,6 +86,49 @@ def expected_bytes_sent(collective: str, world_size: int, dense_bytes: int, payl
     return 2 * (n - 1) / n * payload_bytes
 
 
+# All-gather is kept unless two-phase sends at least this fraction fewer bytes: all-gather has
+# one round instead of two and no second quantization (no reduce-side error).
+TWO_PHASE_MIN_SAVING = 0.1
+
+
+def choose_by_size(world_size: int, payload_bytes: float, reduce_payload_bytes: float,
+                   min_saving: float = TWO_PHASE_MIN_SAVING) -> str:
+    """Pick ``"two_phase"`` or ``"allgather"`` for payloads of the given mean sizes.
+
+    ``payload_bytes``: a rank's phase-1 payload of the whole bucket (mean over ranks);
+    ``reduce_payload_bytes``: a rank's re-encoded mean of its own shard (mean over ranks).
+    Bytes per rank: all-gather ``(N-1) * S``, two-phase ``(N-1)/N * S + (N-1) * R``; two-phase
+    only when it saves at least ``min_saving`` of the all-gather's bytes. Every rank must pass
+    the same numbers (they come from an all-reduce), so every rank picks the same.
+
+    >>> choose_by_size(4, 1000, 250)   # dense: R = S/N
+    'two_phase'
+    >>> choose_by_size(4, 1000, 700)   # sparse: the mean is much denser than each share
+    'allgather'
+    """
+    if not 0 <= min_saving < 1:
+        raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
+    n = world_size
+    if n <= 2:
+        return "allgather"
+    two_phase = (n - 1) / n * payload_bytes + (n - 1) * reduce_payload_bytes
+    return "two_phase" if two_phase <= (1 - min_saving) * (n - 1) * payload_bytes else "allgather"
+
+
+def expected_messages(collective: str, world_size: int, sizes_exchanged: int = 0) -> int:
+    """Nominal messages one rank sends for one bucket: ``N-1`` per round (see the module docstring).
+
+    Rounds: ``allreduce`` 2 (a ring's reduce-scatter and all-gather, counted as one round each),
+    ``allgather`` 1, ``two_phase`` 2, plus ``sizes_exchanged`` rounds that exchange the sizes of
+    variable-size payloads (0, 1 or 2).
+    """
+    n = world_size
+    if n <= 1:
+        return 0
+    rounds = {"allreduce": 2, "allgather": 1, "two_phase": 2}[collective]
+    return (n - 1) * (rounds + sizes_exchanged)
+
+
 def shard_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
     """Split ``numel`` into ``world_size`` contiguous shards; the first ``numel % N`` get one more."""
     base, extra = divmod(numel, world_size)
@@ -90,6 +144,7 @@ def shard_bounds(numel: int, world_size: int) -> list[tuple[int, int]]:
 class ExchangeResult:
     received: list[torch.Tensor]
     bytes_sent: int
+    messages: int = 0  # nominal messages this rank sent: N-1 per round, size exchange included
 
 
 class Transport:
@@ -137,7 +192,9 @@ class TorchTransport(Transport):
         group, rank, n = self.group, self.rank, self.world_size
         device = chunks[0].device
         send_sizes = [int(c.numel()) for c in chunks]
+        rounds = 1
         if recv_sizes is None:
+            rounds = 2
             sizes_in = torch.tensor(send_sizes, dtype=torch.int64, device=device)
             sizes_out = torch.empty(n, dtype=torch.int64, device=device)
             dist.all_to_all_single(sizes_out, sizes_in, group=group)
@@ -147,7 +204,8 @@ class TorchTransport(Transport):
         dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
                                input_split_sizes=send_sizes, group=group)
         received = list(torch.split(recv, recv_sizes))
-        return ExchangeResult(received, sum(s for j, s in enumerate(send_sizes) if j != rank))
+        return ExchangeResult(received, sum(s for j, s in enumerate(send_sizes) if j != rank),
+                              rounds * (n - 1))
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, group=self.group)
@@ -176,6 +234,7 @@ class ReduceStats:
     payload_bytes: int = 0  # bytes of this rank's phase-1 payloads (all shards, headers included)
     reduce_payload_bytes: int = 0  # bytes of the re-encoded reduced shard (two-phase only)
     shard_payload_bytes: tuple = ()  # phase-1 payload size per shard (two-phase)
+    messages: int = 0  # nominal messages sent (N-1 per round; see the module docstring)
 
 
 def _sum_in_rank_order(payloads: list[torch.Tensor], numel: int, out: torch.Tensor) -> torch.Tensor:
@@ -230,7 +289,8 @@ def allreduce_mean(buffer: torch.Tensor, codec: Codec, group) -> ReduceStats:
         transport.all_reduce_sum_(buffer)
         buffer.div_(n)
         payload = 4 * buffer.numel()
-    return ReduceStats(bytes_sent=round(2 * (n - 1) / n * payload), payload_bytes=payload)
+    return ReduceStats(bytes_sent=round(2 * (n - 1) / n * payload), payload_bytes=payload,
+                       messages=expected_messages("allreduce", n))
 
 
 def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
@@ -245,7 +305,7 @@ def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
     payload = encode(0, 0, numel)
     res = transport.all_gather(payload, [fixed_size(numel)] * n if fixed_size is not None else None)
     decode_mean(res.received, numel, out, n)  # the payload is encoded: out is free
-    return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel())
+    return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel(), messages=res.messages)
 
 
 def two_phase_mean(
@@ -284,4 +344,5 @@ def two_phase_mean(
     return ReduceStats(bytes_sent=res1.bytes_sent + res2.bytes_sent,
                        payload_bytes=sum(p.numel() for p in payloads),
                        reduce_payload_bytes=reduced.numel(),
-                       shard_payload_bytes=tuple(p.numel() for p in payloads))
+                       shard_payload_bytes=tuple(p.numel() for p in payloads),
+                       messages=res1.messages + res2.messages)

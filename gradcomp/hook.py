@@ -17,6 +17,11 @@ What happens to one gradient bucket (``bucket.buffer()``, averaged in place):
    thread per state runs the buckets first-in first-out: DDP hands buckets over in the same
    order on every rank, so every rank issues the same collectives in the same order.
 5. The result is decoded in place into the bucket; the returned future completes with it.
+6. With ``collective="auto"`` and more than two ranks, a non-summable codec's bucket starts
+   two-phase and is re-decided at each refit from the payload sizes measured on every rank
+   (:func:`gradcomp.collectives.choose_by_size`; one 16-byte all-reduce for variable-size
+   codecs): a sparse codec's reduced mean is denser than each rank's share, and when it is
+   dense enough the all-gather sends fewer bytes.
 
 Random draws use keys ``derive_key(seed, step, bucket_index, rank, shard, phase)``
 (:func:`gradcomp.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode), never the
@@ -38,7 +43,8 @@ import torch.distributed as dist
 from . import kernels, lognormal
 from .codecs import Codec, decode_payload
 from .codecs.base import ShardFit, fit_or_none
-from .collectives import allgather_mean, allreduce_mean, choose_collective, two_phase_mean
+from .collectives import (ReduceStats, allgather_mean, allreduce_mean, as_transport, choose_by_size,
+                          choose_collective, expected_messages, shard_bounds, two_phase_mean)
 from .codecs.dense import IdentityCodec
 from .rng import derive_key
 
@@ -58,6 +64,7 @@ class _Stats:
     dense_bytes: float = 0.0
     payload_bytes: int = 0
     payload_elements: int = 0
+    messages: int = 0
     buckets: dict = field(default_factory=dict)
 
 
@@ -74,8 +81,10 @@ class CompressionState:
             buckets after the first step).
         refit_every: steps between lognormal refits of each shard (>= 1).
         seed: base of every random key (see the module docstring).
-        collective: ``"auto"`` (by the cost model), ``"two_phase"``, ``"allgather"``, or
-            ``"allreduce"`` (summable codecs only).
+        collective: ``"auto"`` (by the cost model: all-reduce for summable codecs; else
+            all-gather for 2 ranks; for more, two-phase or all-gather per bucket by the payload
+            sizes measured at each refit), ``"two_phase"``, ``"allgather"``, or ``"allreduce"``
+            (summable codecs only).
         reduce_codec: codec for the two-phase re-encode; default ``codec.reduce_codec()``.
 
     Constructing a state builds (first time, about a minute) or loads the native codec kernels
@@ -125,6 +134,7 @@ class CompressionState:
         self._plans: dict[tuple, Any] = {}
         self._residuals: dict[int, tuple[tuple, torch.Tensor]] = {}  # bucket -> (layout, flat)
         self._reduce_residuals: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._bucket_collectives: dict[int, str] = {}  # bucket -> chosen by size ("auto", N > 2)
         self._pending: dict[int, torch.Tensor] = {}  # parameter key -> residual (after rebuild/load)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -234,7 +244,8 @@ class CompressionState:
     def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
         group, n = self.process_group, self.world_size
         dense = 2 * (n - 1) / n * 4 * buffer.numel()
-        if step < self.warmup_steps or self.collective == "allreduce":
+        collective = self._bucket_collectives.get(index, self.collective)
+        if step < self.warmup_steps or collective == "allreduce":
             codec = IdentityCodec() if step < self.warmup_steps else self.codec
             rs = allreduce_mean(buffer, codec, group)
             self._account(index, step, buffer.numel(), rs, dense, "allreduce", compressed=False)
@@ -266,7 +277,7 @@ class CompressionState:
             return payload
 
         out = buffer if buffer.dtype == torch.float32 else torch.empty_like(x)
-        if self.collective == "allgather":
+        if collective == "allgather":
             rs = allgather_mean(x.numel(), out, encode, group, _fixed(self.codec))
         else:
             rs = two_phase_mean(x.numel(), out, encode, reduce_encode, group,
@@ -275,7 +286,51 @@ class CompressionState:
             buffer.copy_(out)
         if feedback is not None:
             self._residuals[index] = (layout, feedback)
-        self._account(index, step, buffer.numel(), rs, dense, self.collective, compressed=True)
+        self._account(index, step, buffer.numel(), rs, dense, collective, compressed=True)
+        if refit and self.collective_setting == "auto" and self.collective == "two_phase":
+            self._choose_by_size(index, step, collective, rs, out)
+
+    def _choose_by_size(self, index: int, step: int, collective: str, rs, mean: torch.Tensor) -> None:
+        """Re-decide bucket ``index``'s collective from this step's payload sizes on every rank.
+
+        Fixed-size codecs need no communication (the sizes follow from the shard sizes). Else
+        each rank contributes its phase-1 payload ``S`` and its re-encoded own shard ``R``: after
+        two-phase that is what it sent; after all-gather every rank holds the whole mean, so it
+        encodes its own shard with the reduce codec only to measure it. One all-reduce of two
+        float64 then gives every rank the same means, hence the same choice.
+        """
+        n, numel = self.world_size, mean.numel()
+        bounds = shard_bounds(numel, n)
+        fixed, reduce_fixed = _fixed(self.codec), _fixed(self.reduce_codec)
+        if fixed is not None and reduce_fixed is not None:
+            s_mean = float(sum(fixed(b - a) for a, b in bounds))
+            r_mean = sum(reduce_fixed(b - a) for a, b in bounds) / n
+        else:
+            if collective == "two_phase":
+                r_own = rs.reduce_payload_bytes
+            else:
+                lo, hi = bounds[self.rank]
+                shard = mean[lo:hi]
+                plan = self._plan(self.reduce_codec, (index, 2, self.rank), shard, True)
+                r_own = self.reduce_codec.encode(shard, key=self._key(step, index, self.rank, 2), plan=plan).numel()
+            sizes = torch.tensor([rs.payload_bytes, r_own], dtype=torch.float64, device=mean.device)
+            as_transport(self.process_group).all_reduce_sum_(sizes)
+            s_mean, r_mean = (sizes / n).tolist()
+            probe = ReduceStats(bytes_sent=round(2 * (n - 1) / n * 16), messages=expected_messages("allreduce", n))
+            with self._lock:
+                self._stats.bytes_sent += probe.bytes_sent
+                self._stats.messages += probe.messages
+                self._stats.buckets[index].update(probe_bytes=probe.bytes_sent, probe_messages=probe.messages)
+        chosen = choose_by_size(n, s_mean, r_mean)
+        if chosen != collective:
+            # The phase-1 plans were fitted per shard (two-phase) or on the whole bucket
+            # (all-gather, shard 0): refit them on the next step instead of reusing a plan of
+            # the wrong data. A reduce-side residual has nothing to correct under all-gather.
+            for key in [k for k in self._plans if k[0] == index and k[1] == 1]:
+                self._plans.pop(key)
+                self._fits.pop(key, None)
+            self._reduce_residuals.pop(index, None)
+        self._bucket_collectives[index] = chosen
 
     def _residual_for(self, index: int, layout: tuple, x: torch.Tensor) -> torch.Tensor:
         """Residual of bucket ``index``; re-keyed by parameter when DDP rebuilt its buckets."""
@@ -306,12 +361,13 @@ class CompressionState:
         with self._lock:
             st = self._stats
             st.bytes_sent += rs.bytes_sent
+            st.messages += rs.messages
             st.dense_bytes += dense
             if compressed:
                 st.payload_bytes += rs.payload_bytes
                 st.payload_elements += numel
             info = {"numel": numel, "collective": collective, "bytes_sent": rs.bytes_sent,
-                    "payload_bytes": rs.payload_bytes}
+                    "payload_bytes": rs.payload_bytes, "messages": rs.messages}
             if compressed:
                 info["phase1"] = self.codec.describe(self._plans.get((index, 1, self.rank if collective == "two_phase" else 0)))
                 if collective == "two_phase":
@@ -324,21 +380,29 @@ class CompressionState:
     def stats(self) -> dict:
         """Cumulative wire statistics of this rank.
 
-        ``bytes_sent``: bytes this rank handed to collectives for other ranks; ``dense_bytes``:
+        ``bytes_sent``: bytes this rank handed to collectives for other ranks; ``messages``:
+        the nominal messages it sent (``N-1`` per round, size exchanges included: each costs a
+        few hundred bytes of framing on a real link); ``dense_bytes``:
         what an fp32 ring all-reduce would have sent; ``bits_per_element``: phase-1 payload bits
         per gradient element over compressed steps, headers included; ``steps``; ``buckets``:
-        per bucket the collective and the chosen format, sparsity and threshold.
+        per bucket the collective and the chosen format, sparsity and threshold (and on a step
+        that re-decided the collective by size, ``probe_bytes`` / ``probe_messages`` of that
+        all-reduce, also in the totals); ``collective``:
+        the buckets' collectives of their last step, ``+``-joined when they differ (before the
+        first step, the configured one).
         """
         with self._lock:
             st = self._stats
+            used = sorted({b["collective"] for b in st.buckets.values()})
             return {
                 "steps": self.step,
                 "bytes_sent": st.bytes_sent,
+                "messages": st.messages,
                 "dense_bytes": st.dense_bytes,
                 "compression_ratio": (st.dense_bytes / st.bytes_sent) if st.bytes_sent else None,
                 "bits_per_element": (8 * st.payload_bytes / st.payload_elements) if st.payload_elements else None,
                 "world_size": self.world_size,
-                "collective": self.collective,
+                "collective": "+".join(used) if used else self.collective,
                 "codec": repr(self.codec),
                 "buckets": {k: dict(v) for k, v in st.buckets.items()},
             }
@@ -350,7 +414,8 @@ class CompressionState:
                 "collective": self.collective_setting}
 
     def state_dict(self) -> dict:
-        """Checkpointable state: step, fits, residuals (by parameter position), statistics."""
+        """Checkpointable state: step, fits, residuals (by parameter position), the buckets'
+        collectives chosen by size, statistics."""
         self.wait_idle()
         residuals = {}
         for layout, flat in self._residuals.values():
@@ -377,8 +442,10 @@ class CompressionState:
             "residuals": residuals,
             "reduce_residuals": reduce_res,
             "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self._reduce_residuals.items()},
+            "collectives": {int(b): c for b, c in self._bucket_collectives.items()},
             "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
-                      "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements},
+                      "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
+                      "messages": st.messages},
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -401,10 +468,14 @@ class CompressionState:
         self._pending = {int(k): v for k, v in sd["residuals"].items()}
         self._reduce_residuals = {
             int(b): (tuple(sd["reduce_residual_layouts"][b]), t) for b, t in sd["reduce_residuals"].items()}
+        collectives = sd.get("collectives", {})  # absent in state_dicts saved before it existed
+        if not all(c in ("two_phase", "allgather") for c in collectives.values()):
+            raise ValueError(f"state_dict has unknown per-bucket collectives {collectives}")
+        self._bucket_collectives = {int(b): str(c) for b, c in collectives.items()}
         st = sd["stats"]
         self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
                              dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),
-                             payload_elements=int(st["payload_elements"]))
+                             payload_elements=int(st["payload_elements"]), messages=int(st.get("messages", 0)))
 
     def wait_idle(self) -> None:
         """Block until every submitted bucket has been reduced."""

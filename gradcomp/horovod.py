@@ -109,11 +109,14 @@ class HorovodTransport(Transport):
             raise RuntimeError(f"gradcomp: expected payloads of {list(recv_sizes)} bytes, received {sizes}")
         recv = recv.to(device)
         return ExchangeResult(list(torch.split(recv, sizes)),
-                              sum(s for j, s in enumerate(send_sizes) if j != self.rank))
+                              sum(s for j, s in enumerate(send_sizes) if j != self.rank),
+                              self.world_size - 1)
 
     def all_gather(self, payload: torch.Tensor, recv_sizes: list[int] | None = None) -> ExchangeResult:
         hvd, device = self._hvd, payload.device
+        rounds = 1
         if recv_sizes is None:  # hvd.allgather accepts uneven sizes but does not return them
+            rounds = 2
             size = torch.tensor([payload.numel()], dtype=torch.int64)
             recv_sizes = hvd.allgather(size, name=self._name("sizes"), process_set=self.process_set).tolist()
         out = hvd.allgather(self._wire(payload), name=self._name("allgather"), process_set=self.process_set)
@@ -121,7 +124,7 @@ class HorovodTransport(Transport):
             raise RuntimeError(f"gradcomp: all-gather returned {out.numel()} bytes, expected {sum(recv_sizes)}")
         out = out.to(device)
         return ExchangeResult(list(torch.split(out, [int(s) for s in recv_sizes])),
-                              (self.world_size - 1) * payload.numel())
+                              (self.world_size - 1) * payload.numel(), rounds * (self.world_size - 1))
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         hvd = self._hvd

@@ -257,3 +257,44 @@ def mismatch_case(rank: int, world: int) -> str:
     except ValueError as exc:
         return str(exc)
     return "no error"
+
+
+def auto_collective_case(rank: int, world: int, ckpt_dir: str) -> dict:
+    """``collective="auto"`` over several steps: the per-bucket choice, its bytes, its resume.
+
+    Ranks get independent gradients (no shared signal), so their pruned supports overlap little
+    and the reduced mean is denser than each share, as in real training."""
+    out = {}
+    numel = 20000
+
+    def rank_input(numel, rank, seed):
+        return globals()["rank_input"](numel, rank, seed=100 * seed + rank)
+
+    # "dense_mean": a sparse phase 1 whose mean goes back dense (FPCodec(8)): all-gather is
+    # far cheaper; "forced": the same, but two-phase by setting.
+    for name, (codec, reduce_codec) in {
+            "dense_mean": (C.PruneCodec(0.95), C.FPCodec(8)), "prune85": (C.PruneCodec(0.85), None),
+            "fp6": (C.FPCodec(6), None), "forced": (C.PruneCodec(0.95), C.FPCodec(8))}.items():
+        kw = dict(warmup_steps=0, refit_every=2, seed=5, reduce_codec=reduce_codec,
+                  collective="two_phase" if name == "forced" else "auto")
+        state = gradcomp.CompressionState(codec, **kw)
+        steps = []
+        for s in range(4):
+            before = state.stats()
+            y = reduce_once(state, rank_input(numel, rank, seed=s))
+            st = state.stats()
+            steps.append({"y": y, "collective": st["buckets"][0]["collective"],
+                          "bytes": st["bytes_sent"] - before["bytes_sent"],
+                          "messages": st["messages"] - before["messages"],
+                          "bucket": st["buckets"][0]})
+            if s == 1:
+                sd = state.state_dict()
+        # resume after step 1 into a fresh state: steps 2 and 3 must come out the same
+        torch.save(sd, f"{ckpt_dir}/auto{rank}.pt")
+        again = gradcomp.CompressionState(codec, **kw)
+        again.load_state_dict(torch.load(f"{ckpt_dir}/auto{rank}.pt", weights_only=True))
+        resumed = [reduce_once(again, rank_input(numel, rank, seed=s)) for s in (2, 3)]
+        out[name] = {"steps": steps, "resumed": resumed, "saved_collectives": sd["collectives"]}
+        state.close()
+        again.close()
+    return out
