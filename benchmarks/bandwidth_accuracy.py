@@ -274,24 +274,40 @@ def torch_model_bytes(method: str, params: list, world: int) -> float | None:
     return None
 
 
-def _our_model_bytes(stats: dict, world: int) -> tuple[float, float]:
-    """Return cost-model bytes of this step from the hook's stats: (both phases, phase 1 only).
+def _our_model_bytes(stats: dict, world: int) -> tuple[float, float, float]:
+    """Return cost-model bytes of this step from the hook's stats: (both phases, phase 1 only,
+    messages).
 
     Phase 1 only is ``collectives.expected_bytes_sent(collective, N, dense, S_c)`` with this
     rank's phase-1 payload ``S_c``, literally. Two-phase also sends the re-encoded mean of its
     shard (``codec.reduce_codec()``, e.g. pruned less) to the N-1 others: "both phases" applies the
     same formula to the mean of the two phases' payload sizes, ``(S_c + N * reduce_payload) / 2``.
+    A step on which ``collective="auto"`` re-decided a bucket's collective adds that all-reduce's
+    16 bytes. Messages: the hook's count (``N-1`` per round, size exchanges and that all-reduce
+    included), for the wire-level model (:func:`wire_model_bytes`).
     """
     from gradcomp.collectives import expected_bytes_sent
 
-    both = phase1 = 0.0
+    both = phase1 = messages = 0.0
     for b in stats["buckets"].values():
         dense, s1 = 4 * b["numel"], b["payload_bytes"]
         phase1 += expected_bytes_sent(b["collective"], world, dense, s1)
         if b["collective"] == "two_phase" and b.get("reduce_payload_bytes") is not None:
             s1 = (s1 + world * b["reduce_payload_bytes"]) / 2
-        both += expected_bytes_sent(b["collective"], world, dense, s1)
-    return both, phase1
+        both += expected_bytes_sent(b["collective"], world, dense, s1) + b.get("probe_bytes", 0)
+        messages += b.get("messages", 0) + b.get("probe_messages", 0)
+    return both, phase1, messages
+
+
+def wire_model_bytes(payload_model: float, messages: float, per_message: float, per_byte: float) -> float:
+    """Return the wire-level cost model: ``payload * (1 + per_byte) + messages * per_message``.
+
+    ``per_message`` (bytes of framing per message: TCP/IP headers of its first segment,
+    acknowledgements, gloo's own header) and ``per_byte`` (TCP/IP headers of the further
+    segments, as a fraction of the payload) are measured by :func:`_measure_framing` on the same
+    link before the runs, with all-to-alls that carry no training traffic.
+    """
+    return payload_model * (1 + per_byte) + messages * per_message
 
 
 # ----------------------------------------------------------------------------- time estimate
@@ -416,6 +432,52 @@ def _measure_cap(rank: int, job: dict) -> dict:
             "cap_wire_mbit": ((c1 - c0) * 8 / sec / 1e6) if job["count_bytes"] else None}
 
 
+FRAMING_EMPTY_CALLS = 20
+# The order of the hook's messages here (FPCodec(6) at N=4: 100 kB shards; sparse codecs 2-30 kB).
+# Much larger all-to-alls overflow tbf's queue at N=4 (12 flows of 256 kB at once measured 1.1%
+# of retransmissions), which the training traffic does not see.
+FRAMING_PEER_BYTES = 64 * 1024
+FRAMING_FULL_CALLS = 8
+FRAMING_REPEATS = 7
+
+
+def _measure_framing(rank: int, world: int, job: dict, barrier_bytes: float) -> dict:
+    """Measure the link's framing: bytes per message and per payload byte (rank 0 reads them).
+
+    All-to-alls as the hook issues them (one round, then a barrier), first with empty messages
+    (``FRAMING_EMPTY_CALLS``: framing only), then ``FRAMING_PEER_BYTES`` to every peer
+    (``FRAMING_FULL_CALLS``), each the median of ``FRAMING_REPEATS`` repetitions; barrier
+    traffic is subtracted. Each call is ``N(N-1)`` messages on
+    the shared loopback.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not job["count_bytes"]:
+        return {}
+
+    def per_call(peer_bytes: int, calls: int) -> float:
+        send = torch.zeros(peer_bytes * world, dtype=torch.uint8)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)  # connections and buffers warm before counting
+        dist.barrier()
+        c0 = _lo_tx_bytes() if rank == 0 else 0
+        for _ in range(calls):
+            dist.all_to_all_single(recv, send)
+            dist.barrier()
+        c1 = _lo_tx_bytes() if rank == 0 else 0
+        return (c1 - c0) / calls - barrier_bytes
+
+    # Single repetitions are bimodal (at N=4 about 335 or 895 B/message, the second with a
+    # matching deficit in the 64 kB calls; probably acknowledgement timing across the batch
+    # boundary, not pinned down), so take the median of several.
+    empty = statistics.median(per_call(0, FRAMING_EMPTY_CALLS) for _ in range(FRAMING_REPEATS))
+    full = statistics.median(per_call(FRAMING_PEER_BYTES, FRAMING_FULL_CALLS) for _ in range(FRAMING_REPEATS))
+    messages = world * (world - 1)
+    return {"framing_bytes_per_message": empty / messages,
+            "framing_per_payload_byte": (full - empty) / (FRAMING_PEER_BYTES * messages) - 1}
+
+
 def _barrier_bytes(rank: int, job: dict) -> float:
     import torch.distributed as dist
 
@@ -497,13 +559,15 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
     identical = all(bool(torch.equal(x, sums[0])) for x in sums)
     if state is not None:
         st = state.stats()
-        collective = st["collective"]
         # payload sizes differ between ranks (pruning): average over ranks, as the loopback does
         mine = torch.tensor([st["bits_per_element"], (st["bytes_sent"] - hook_bytes0) / (steps - skip),
-                             statistics.fmean(b for b, _ in model_bytes),
-                             statistics.fmean(b for _, b in model_bytes)], dtype=torch.float64)
+                             statistics.fmean(b for b, _, _ in model_bytes),
+                             statistics.fmean(b for _, b, _ in model_bytes),
+                             statistics.fmean(m for _, _, m in model_bytes)], dtype=torch.float64)
         dist.all_reduce(mine, group=group)
-        hook_bits, hook_steady, model_steady, model_phase1 = (mine / world).tolist()
+        hook_bits, hook_steady, model_steady, model_phase1, messages = (mine / world).tolist()
+        # the collective each bucket ended on (collective="auto" re-decides by payload size)
+        collective = "+".join(sorted({b["collective"] for b in st["buckets"].values()}))
         state.close()
     if rank != 0:
         return None
@@ -529,6 +593,7 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
         out["bytes_model_per_rank_per_step"] = model_steady
         out["bytes_model_phase1_per_rank_per_step"] = model_phase1
         out["hook_bytes_per_rank_per_step"] = hook_steady
+        out["messages_per_rank_per_step"] = messages
         out["payload_bits_per_element"] = hook_bits
         out["collective"] = collective
     else:
@@ -601,12 +666,15 @@ def _rank_body(rank: int, world: int, job: dict) -> None:
     counting = job["count_bytes"] and rank == 0
     cap = _measure_cap(rank, job)
     barrier_bytes = _barrier_bytes(rank, job)
+    framing = _measure_framing(rank, world, job, barrier_bytes)
     compute = _compute_only(rank, world, job, data)
     group_info = {"rate": job["rate"], "world_size": world, "compute_p50_s": compute,
-                  "barrier_bytes": barrier_bytes, **cap}
+                  "barrier_bytes": barrier_bytes, **cap, **framing}
     if rank == 0:
         print(f"  [{job['rate']}, N={world}] link measured {cap['cap_payload_mbit']:.1f} Mbit/s payload"
               + (f", {cap['cap_wire_mbit']:.1f} Mbit/s on the wire" if cap["cap_wire_mbit"] else "")
+              + (f"; framing {framing['framing_bytes_per_message']:.0f} B/message + "
+                 f"{framing['framing_per_payload_byte'] * 100:.3f}% of payload" if framing else "")
               + f"; compute-only step {compute * 1e3:.1f} ms", flush=True)
     if rank == 0:  # the group's start-up counts as done work for the ETA
         with open(job["progress"]) as f:
@@ -756,10 +824,12 @@ CSV_COLUMNS = [
     "params", "steps", "final_accuracy", "target_accuracy", "time_to_target_s", "steps_to_target",
     "step_p50_s", "step_p90_s", "compute_p50_s", "comm_fraction", "train_wall_s",
     "bytes_per_rank_per_step", "bytes_model_per_rank_per_step", "bytes_measured_over_model",
-    "bytes_model_phase1_per_rank_per_step",
+    "bytes_model_phase1_per_rank_per_step", "messages_per_rank_per_step",
+    "bytes_wire_model_per_rank_per_step", "bytes_measured_over_wire_model",
     "wire_bits_per_element", "payload_bits_per_element", "collective",
     "hook_bytes_per_rank_per_step", "bytes_per_rank_total",
-    "cap_payload_mbit", "cap_wire_mbit", "replicas_identical", "final_loss", "run_s",
+    "cap_payload_mbit", "cap_wire_mbit", "framing_bytes_per_message", "framing_per_payload_byte",
+    "replicas_identical", "final_loss", "run_s",
 ]
 
 
@@ -778,6 +848,12 @@ def _derive(row: dict, target: float) -> dict:
         mb = r.get("bytes_model_per_rank_per_step")
         if r.get("bytes_per_rank_per_step") is not None and mb:
             r["bytes_measured_over_model"] = r["bytes_per_rank_per_step"] / mb
+        msgs, per_msg = r.get("messages_per_rank_per_step"), r.get("framing_bytes_per_message")
+        if mb and msgs is not None and per_msg is not None:
+            wm = wire_model_bytes(mb, msgs, per_msg, r["framing_per_payload_byte"])
+            r["bytes_wire_model_per_rank_per_step"] = wm
+            if r.get("bytes_per_rank_per_step") is not None:
+                r["bytes_measured_over_wire_model"] = r["bytes_per_rank_per_step"] / wm
     return r
 
 
@@ -804,9 +880,13 @@ def summarize(rows: list[dict], cfg: SweepConfig) -> dict:
             s["ttt_mean"] = statistics.fmean(ttt) if len(ttt) == len(ok) else None
             for k in ("step_p50_s", "step_p90_s", "compute_p50_s", "comm_fraction", "wire_bits_per_element",
                       "payload_bits_per_element", "bytes_per_rank_per_step", "bytes_model_per_rank_per_step",
-                      "bytes_measured_over_model", "bytes_model_phase1_per_rank_per_step", "cap_payload_mbit", "cap_wire_mbit", "train_wall_s"):
+                      "bytes_measured_over_model", "bytes_model_phase1_per_rank_per_step",
+                      "messages_per_rank_per_step", "bytes_wire_model_per_rank_per_step",
+                      "bytes_measured_over_wire_model", "framing_bytes_per_message", "framing_per_payload_byte",
+                      "cap_payload_mbit", "cap_wire_mbit", "train_wall_s"):
                 v = [r[k] for r in ok if r.get(k) is not None]
                 s[k] = statistics.fmean(v) if v else None
+            s["collective"] = "/".join(sorted({r.get("collective") or "-" for r in ok}))
             s["curve"] = _mean_curve([r["curve"] for r in ok])
         out[key] = s
     return out
@@ -894,27 +974,42 @@ def figures(summary: dict, cfg: SweepConfig) -> list[str]:
     if len(cfg.world_sizes) >= 2:
         n_lo, n_hi2 = min(cfg.world_sizes), max(cfg.world_sizes)
         rate = next((r for r in (rate_200, UNCAPPED) if r in cfg.rates), cfg.rates[0])
-        parts, worst_dev = [], 0.0
+        parts, worst_wire, worst_payload = [], None, 0.0
         for m in ours:
             a, b = get(rate, n_lo, m), get(rate, n_hi2, m)
             if not (a and b and a["bytes_per_rank_per_step"] and b["bytes_per_rank_per_step"]):
                 continue
-            devs = [abs(s["bytes_measured_over_model"] - 1) for s in (a, b)]
-            worst_dev = max(worst_dev, *devs)
-            p1 = b.get("bytes_model_phase1_per_rank_per_step")
-            parts.append(f"{a['label']}: {a['bytes_per_rank_per_step'] / 1e3:.1f} -> "
-                         f"{b['bytes_per_rank_per_step'] / 1e3:.1f} kB (x{b['bytes_per_rank_per_step'] / a['bytes_per_rank_per_step']:.2f}; "
-                         f"model x{b['bytes_model_per_rank_per_step'] / a['bytes_model_per_rank_per_step']:.2f}); "
-                         f"measured/model {a['bytes_measured_over_model']:.3f} (N={n_lo}), "
-                         f"{b['bytes_measured_over_model']:.3f} (N={n_hi2})"
-                         + (f"; measured/phase-1-only model at N={n_hi2} {b['bytes_per_rank_per_step'] / p1:.3f}" if p1 else ""))
+            worst_payload = max(worst_payload, *(abs(s["bytes_measured_over_model"] - 1) for s in (a, b)))
+            wire = [s.get("bytes_measured_over_wire_model") for s in (a, b)]
+            if None not in wire:
+                worst_wire = max(worst_wire or 0.0, *(abs(w - 1) for w in wire))
+            grow = b["bytes_per_rank_per_step"] / a["bytes_per_rank_per_step"]
+            msgs = b.get("messages_per_rank_per_step")
+            parts.append(
+                f"{a['label']}: {a['bytes_per_rank_per_step'] / 1e3:.1f} -> {b['bytes_per_rank_per_step'] / 1e3:.1f} kB "
+                f"(x{grow:.2f}; model x{b['bytes_model_per_rank_per_step'] / a['bytes_model_per_rank_per_step']:.2f}; "
+                f"{b['collective']} at N={n_hi2}" + (f", {msgs:.1f} messages/step" if msgs is not None else "")
+                + "); measured / "
+                + (f"wire model {wire[0]:.3f} (N={n_lo}), {wire[1]:.3f} (N={n_hi2}); measured / " if None not in wire else "")
+                + f"payload model {a['bytes_measured_over_model']:.3f}, {b['bytes_measured_over_model']:.3f}")
         if parts:
             ring = (2 * (n_hi2 - 1) / n_hi2) / (2 * (n_lo - 1) / n_lo)
-            lines.append(f"- **Bytes per rank, N={n_lo} -> N={n_hi2}** ({rate_label(rate)}; the two-phase cost model "
-                         f"grows by 2(N-1)/N, x{ring:.2f}, not by (N-1) as an all-gather would, x{(n_hi2 - 1) / (n_lo - 1):.0f}); "
-                         "measured on the loopback vs `collectives.expected_bytes_sent` on the real payload sizes "
-                         "(two-phase: phase-1 payload and the re-encoded mean of `codec.reduce_codec()`): worst deviation "
-                         f"{worst_dev * 100:.1f}%: **{'met' if worst_dev <= 0.05 else 'not met'}** (within 5%).")
+            head = (f"- **Bytes per rank, N={n_lo} -> N={n_hi2}** ({rate_label(rate)}). Cost model: "
+                    "`collectives.expected_bytes_sent` on the hook's real payload sizes (two-phase: the phase-1 "
+                    "payload and the re-encoded mean of `codec.reduce_codec()`; the collective each bucket ran). ")
+            if worst_wire is not None:
+                head += ("Wire-level model: that payload x (1 + per-byte framing) + the hook's messages x "
+                         "bytes per message, both framing constants measured on the same link before the runs "
+                         f"(link check above): worst deviation {worst_wire * 100:.1f}%: "
+                         f"**{'met' if worst_wire <= 0.05 else 'not met'}** (within 5%). Payload-only model "
+                         f"(no framing): worst deviation {worst_payload * 100:.1f}%. ")
+            else:
+                head += (f"Payload-only model (framing not measured here): worst deviation {worst_payload * 100:.1f}%: "
+                         f"**{'met' if worst_payload <= 0.05 else 'not met'}** (within 5%). ")
+            head += (f"Flat: a two-phase dense codec grows by 2(N-1)/N, x{ring:.2f}, not by N-1 as an all-gather "
+                     f"would, x{(n_hi2 - 1) / (n_lo - 1):.0f}; a sparse codec's reduced mean is the union of N "
+                     "supports, so its bytes grow more.")
+            lines.append(head)
             lines.extend(f"  - {p}" for p in parts)
     return lines
 
@@ -958,7 +1053,9 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
         "headers); *bytes/rank/step* = bytes on the namespace's loopback per steady step / N (TCP/IP "
         "headers included, barrier traffic subtracted); *model* = the cost model: "
         "`collectives.expected_bytes_sent` on the hook's real payload sizes for gradcomp, ring all-reduce "
-        "of the all-reduced tensors for fp32 / torch hooks; *comm* = 1 - compute-only step / step "
+        "of the all-reduced tensors for fp32 / torch hooks; *wire model* (gradcomp only) = *model* x (1 + "
+        "per-byte framing) + the hook's messages per step x bytes per message, the framing measured by the "
+        "link check; *comm* = 1 - compute-only step / step "
         "(compute-only: fp32 with DDP no_sync, same batch). Accuracy: mean +- std over seeds; time to "
         "target: mean training wall time (timed steps only) to the first evaluation at or above target.", "",
     ]
@@ -976,16 +1073,21 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
               "DDP runs with bucket_cap_mb=25 (one bucket for this model) for every method: with DDP's "
               "default 1 MiB first bucket, torch's PowerSGD hook deadlocks on gloo (its callbacks block "
               "both gloo worker threads in nested `all_reduce(...).wait()`).", ""]
-    lines += ["## Link check (timed send rank 0 -> 1)", "",
-              "| rate | N | measured payload Mbit/s | on the wire Mbit/s | compute-only step ms |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["## Link check", "",
+              "Rate: one timed send rank 0 -> 1. Framing: all-to-alls with empty messages (bytes per message: "
+              "TCP/IP headers, acknowledgements, gloo's header), then with 64 kB per peer (the further TCP "
+              "segments' headers, per payload byte); medians of 7 repetitions, barrier traffic subtracted.", "",
+              "| rate | N | measured payload Mbit/s | on the wire Mbit/s | framing B/message | framing per payload byte "
+              "| compute-only step ms |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for rate in cfg.rates:
         for n in cfg.world_sizes:
             rr = [r for r in rows if r["rate"] == rate and r["world_size"] == n]
-            if rr:
-                r = rr[0]
+            if rr:  # rows of a resumed sweep may predate the framing check
+                r = next((x for x in rr if x.get("framing_bytes_per_message") is not None), rr[0])
                 lines.append(f"| {rate_label(rate)} | {n} | {_f(r.get('cap_payload_mbit'), '.1f')} | "
-                             f"{_f(r.get('cap_wire_mbit'), '.1f')} | {_f(r.get('compute_p50_s'), '.1f', 1e3)} |")
+                             f"{_f(r.get('cap_wire_mbit'), '.1f')} | {_f(r.get('framing_bytes_per_message'), '.0f')} | "
+                             f"{_f(r.get('framing_per_payload_byte'), '.3%')} | {_f(r.get('compute_p50_s'), '.1f', 1e3)} |")
     lines += ["", "## Figures", ""] + figures(summary, cfg)
     for rate in cfg.rates:
         for n in cfg.world_sizes:
@@ -993,18 +1095,19 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
             if not ss:
                 continue
             lines += ["", f"## {rate_label(rate)}, N={n}" + ("" if ss[0]["mode"] == "measured" else f" ({ss[0]['mode']})"), "",
-                      "| method | wire bits/elem | bytes/rank/step | model | meas/model | step p50 ms | p90 ms "
-                      "| comm | accuracy % | time to target s |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| method | wire bits/elem | bytes/rank/step | model | meas/model | wire model | meas/wire "
+                      "| step p50 ms | p90 ms | comm | accuracy % | time to target s |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for s in ss:
                 if not s["ok"]:
-                    lines.append(f"| {s['label']} | FAILED: {s['error'][:120]} |||||||||")
+                    lines.append(f"| {s['label']} | FAILED: {s['error'][:120]} |||||||||||")
                     continue
                 ttt = _f(s["ttt_mean"], ".1f") if s["ttt_mean"] is not None else f"({s['reached']}/{s['ok']} reached)"
                 lines.append(
                     f"| {s['label']} | {_f(s['wire_bits_per_element'], '.2f')} | "
                     f"{_f(s['bytes_per_rank_per_step'], ',.0f')} | {_f(s['bytes_model_per_rank_per_step'], ',.0f')} | "
-                    f"{_f(s['bytes_measured_over_model'], '.3f')} | {_f(s['step_p50_s'], '.1f', 1e3)} | "
+                    f"{_f(s['bytes_measured_over_model'], '.3f')} | {_f(s['bytes_wire_model_per_rank_per_step'], ',.0f')} | "
+                    f"{_f(s['bytes_measured_over_wire_model'], '.3f')} | {_f(s['step_p50_s'], '.1f', 1e3)} | "
                     f"{_f(s['step_p90_s'], '.1f', 1e3)} | {_f(s['comm_fraction'], '.0%')} | "
                     f"{s['acc_mean'] * 100:.2f} +- {s['acc_std'] * 100:.2f} | {ttt} |")
     md = "\n".join(lines)

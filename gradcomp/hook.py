@@ -135,6 +135,7 @@ class CompressionState:
         self._residuals: dict[int, tuple[tuple, torch.Tensor]] = {}  # bucket -> (layout, flat)
         self._reduce_residuals: dict[int, tuple[tuple, torch.Tensor]] = {}
         self._bucket_collectives: dict[int, str] = {}  # bucket -> chosen by size ("auto", N > 2)
+        self._size_window: dict[int, list[float]] = {}  # bucket -> [sum S, count, sum R, count]
         self._pending: dict[int, torch.Tensor] = {}  # parameter key -> residual (after rebuild/load)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -287,33 +288,44 @@ class CompressionState:
         if feedback is not None:
             self._residuals[index] = (layout, feedback)
         self._account(index, step, buffer.numel(), rs, dense, collective, compressed=True)
-        if refit and self.collective_setting == "auto" and self.collective == "two_phase":
-            self._choose_by_size(index, step, collective, rs, out)
+        if self.collective_setting == "auto" and self.collective == "two_phase":
+            window = self._size_window.setdefault(index, [0.0, 0, 0.0, 0])
+            window[0] += rs.payload_bytes
+            window[1] += 1
+            if collective == "two_phase":
+                window[2] += rs.reduce_payload_bytes
+                window[3] += 1
+            if refit:
+                self._choose_by_size(index, step, collective, out)
 
-    def _choose_by_size(self, index: int, step: int, collective: str, rs, mean: torch.Tensor) -> None:
-        """Re-decide bucket ``index``'s collective from this step's payload sizes on every rank.
+    def _choose_by_size(self, index: int, step: int, collective: str, mean: torch.Tensor) -> None:
+        """Re-decide bucket ``index``'s collective from the payload sizes of every rank.
 
         Fixed-size codecs need no communication (the sizes follow from the shard sizes). Else
-        each rank contributes its phase-1 payload ``S`` and its re-encoded own shard ``R``: after
-        two-phase that is what it sent; after all-gather every rank holds the whole mean, so it
-        encodes its own shard with the reduce codec only to measure it. One all-reduce of two
-        float64 then gives every rank the same means, hence the same choice.
+        each rank contributes the mean, over the steps since the last decision, of its phase-1
+        payload ``S`` and of its re-encoded own shard ``R`` (means, not this step's sizes: between
+        refits a stale plan can make a payload ten times its refit-step size). Two-phase sends
+        ``R``; under all-gather only this step's is known: every rank holds the whole mean, so it
+        encodes its own shard with the reduce codec to measure it. One all-reduce of two float64
+        then gives every rank the same means, hence the same choice.
         """
         n, numel = self.world_size, mean.numel()
         bounds = shard_bounds(numel, n)
         fixed, reduce_fixed = _fixed(self.codec), _fixed(self.reduce_codec)
         if fixed is not None and reduce_fixed is not None:
+            self._size_window.pop(index, None)
             s_mean = float(sum(fixed(b - a) for a, b in bounds))
             r_mean = sum(reduce_fixed(b - a) for a, b in bounds) / n
         else:
-            if collective == "two_phase":
-                r_own = rs.reduce_payload_bytes
-            else:
+            window = self._size_window.pop(index)
+            if collective != "two_phase":
                 lo, hi = bounds[self.rank]
                 shard = mean[lo:hi]
                 plan = self._plan(self.reduce_codec, (index, 2, self.rank), shard, True)
-                r_own = self.reduce_codec.encode(shard, key=self._key(step, index, self.rank, 2), plan=plan).numel()
-            sizes = torch.tensor([rs.payload_bytes, r_own], dtype=torch.float64, device=mean.device)
+                window[2] += self.reduce_codec.encode(shard, key=self._key(step, index, self.rank, 2), plan=plan).numel()
+                window[3] += 1
+            sizes = torch.tensor([window[0] / window[1], window[2] / window[3]], dtype=torch.float64,
+                                 device=mean.device)
             as_transport(self.process_group).all_reduce_sum_(sizes)
             s_mean, r_mean = (sizes / n).tolist()
             probe = ReduceStats(bytes_sent=round(2 * (n - 1) / n * 16), messages=expected_messages("allreduce", n))
@@ -443,6 +455,7 @@ class CompressionState:
             "reduce_residuals": reduce_res,
             "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self._reduce_residuals.items()},
             "collectives": {int(b): c for b, c in self._bucket_collectives.items()},
+            "size_windows": {int(b): [float(v) for v in w] for b, w in self._size_window.items()},
             "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
                       "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
                       "messages": st.messages},
@@ -472,6 +485,8 @@ class CompressionState:
         if not all(c in ("two_phase", "allgather") for c in collectives.values()):
             raise ValueError(f"state_dict has unknown per-bucket collectives {collectives}")
         self._bucket_collectives = {int(b): str(c) for b, c in collectives.items()}
+        self._size_window = {int(b): [float(w[0]), int(w[1]), float(w[2]), int(w[3])]
+                             for b, w in sd.get("size_windows", {}).items()}
         st = sd["stats"]
         self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
                              dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),

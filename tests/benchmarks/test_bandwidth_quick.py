@@ -84,5 +84,11 @@ def test_quick_run(tmp_path):
     for row in rows:
         if row["method"] == "fp32":
             assert float(row["bytes_measured_over_model"]) == pytest.approx(1.0, abs=0.05)
+    # gradcomp's codecs: measured within 5% of the wire-level model (payload + measured framing)
+    for row in rows:
+        assert 50 < float(row["framing_bytes_per_message"]) < 5000, row["framing_bytes_per_message"]
+        if bw.METHODS[row["method"]].family == "ours":
+            assert float(row["messages_per_rank_per_step"]) >= 1
+            assert float(row["bytes_measured_over_wire_model"]) == pytest.approx(1.0, abs=0.05), row["method"]
     md = (out / "bandwidth.md").read_text()
     assert "## Figures" in md and "200 Mbit/s, N=2" in md and "CPU:" in md
