@@ -282,9 +282,8 @@ def _our_model_bytes(stats: dict, world: int) -> tuple[float, float, float]:
     rank's phase-1 payload ``S_c``, literally. Two-phase also sends the re-encoded mean of its
     shard (``codec.reduce_codec()``, e.g. pruned less) to the N-1 others: "both phases" applies the
     same formula to the mean of the two phases' payload sizes, ``(S_c + N * reduce_payload) / 2``.
-    A step on which ``collective="auto"`` re-decided a bucket's collective adds that all-reduce's
-    16 bytes. Messages: the hook's count (``N-1`` per round, size exchanges and that all-reduce
-    included), for the wire-level model (:func:`wire_model_bytes`).
+    Messages: the hook's count (``N-1`` per round, size exchanges included), for the wire-level
+    model (:func:`wire_model_bytes`).
     """
     from gradcomp.collectives import expected_bytes_sent
 
@@ -294,8 +293,8 @@ def _our_model_bytes(stats: dict, world: int) -> tuple[float, float, float]:
         phase1 += expected_bytes_sent(b["collective"], world, dense, s1)
         if b["collective"] == "two_phase" and b.get("reduce_payload_bytes") is not None:
             s1 = (s1 + world * b["reduce_payload_bytes"]) / 2
-        both += expected_bytes_sent(b["collective"], world, dense, s1) + b.get("probe_bytes", 0)
-        messages += b.get("messages", 0) + b.get("probe_messages", 0)
+        both += expected_bytes_sent(b["collective"], world, dense, s1)
+        messages += b.get("messages", 0)
     return both, phase1, messages
 
 
@@ -566,8 +565,7 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
                              statistics.fmean(m for _, _, m in model_bytes)], dtype=torch.float64)
         dist.all_reduce(mine, group=group)
         hook_bits, hook_steady, model_steady, model_phase1, messages = (mine / world).tolist()
-        # the collective each bucket ended on (collective="auto" re-decides by payload size)
-        collective = "+".join(sorted({b["collective"] for b in st["buckets"].values()}))
+        collective = st["collective"]
         state.close()
     if rank != 0:
         return None

@@ -13,11 +13,13 @@ compressed size ``S_c``):
 
 ``choose_collective("auto", ...)`` picks ``allreduce`` for summable codecs, ``allgather`` for
 ``N <= 2`` (same bytes as two-phase at N = 2, one round fewer, no reduce-side error) and
-``two_phase`` otherwise. For ``N > 2`` the hook state then re-decides per bucket with
-:func:`choose_by_size` on the payload sizes measured on every rank: the reduced mean of sparse
-payloads is denser than each rank's share (the union of their supports), and when the reduce
-payload ``R`` is large, ``(N-1)/N * S_c + (N-1) * R`` (two-phase) exceeds ``(N-1) * S_c``
-(all-gather).
+``two_phase`` otherwise. The choice is static on purpose: for sparse codecs the reduced mean
+is denser than each rank's share (the union of N supports), so a two-phase payload ``R`` can
+approach ``S_c`` and an all-gather looks cheaper on paper. Deciding per bucket from measured
+sizes was tried and rejected: an all-gather payload encodes the whole bucket under one fit and
+is not the sum of the two-phase shards' payloads, and with plans reused between refits it
+spiked (one rank sent 1.2 MB for a 1M-element bucket); on the benchmark it sent up to 3x the
+two-phase bytes. Two-phase sends ``(N-1)/N`` of a spike instead of ``N-1`` times it.
 
 Messages: every collective call here is one round in which a rank sends one message to each of
 the ``N-1`` others (an exchange of sizes is a round of its own). ``ReduceStats.messages``
@@ -84,35 +86,6 @@ def expected_bytes_sent(collective: str, world_size: int, dense_bytes: int, payl
     if collective == "allgather":
         return (n - 1) * payload_bytes
     return 2 * (n - 1) / n * payload_bytes
-
-
-# All-gather is kept unless two-phase sends at least this fraction fewer bytes: all-gather has
-# one round instead of two and no second quantization (no reduce-side error).
-TWO_PHASE_MIN_SAVING = 0.1
-
-
-def choose_by_size(world_size: int, payload_bytes: float, reduce_payload_bytes: float,
-                   min_saving: float = TWO_PHASE_MIN_SAVING) -> str:
-    """Pick ``"two_phase"`` or ``"allgather"`` for payloads of the given mean sizes.
-
-    ``payload_bytes``: a rank's phase-1 payload of the whole bucket (mean over ranks);
-    ``reduce_payload_bytes``: a rank's re-encoded mean of its own shard (mean over ranks).
-    Bytes per rank: all-gather ``(N-1) * S``, two-phase ``(N-1)/N * S + (N-1) * R``; two-phase
-    only when it saves at least ``min_saving`` of the all-gather's bytes. Every rank must pass
-    the same numbers (they come from an all-reduce), so every rank picks the same.
-
-    >>> choose_by_size(4, 1000, 250)   # dense: R = S/N
-    'two_phase'
-    >>> choose_by_size(4, 1000, 700)   # sparse: the mean is much denser than each share
-    'allgather'
-    """
-    if not 0 <= min_saving < 1:
-        raise ValueError(f"min_saving must be in [0, 1), got {min_saving}")
-    n = world_size
-    if n <= 2:
-        return "allgather"
-    two_phase = (n - 1) / n * payload_bytes + (n - 1) * reduce_payload_bytes
-    return "two_phase" if two_phase <= (1 - min_saving) * (n - 1) * payload_bytes else "allgather"
 
 
 def expected_messages(collective: str, world_size: int, sizes_exchanged: int = 0) -> int:

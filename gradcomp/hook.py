@@ -17,11 +17,6 @@ What happens to one gradient bucket (``bucket.buffer()``, averaged in place):
    thread per state runs the buckets first-in first-out: DDP hands buckets over in the same
    order on every rank, so every rank issues the same collectives in the same order.
 5. The result is decoded in place into the bucket; the returned future completes with it.
-6. With ``collective="auto"`` and more than two ranks, a non-summable codec's bucket starts
-   two-phase and is re-decided at each refit from the payload sizes measured on every rank
-   (:func:`gradcomp.collectives.choose_by_size`; one 16-byte all-reduce for variable-size
-   codecs): a sparse codec's reduced mean is denser than each rank's share, and when it is
-   dense enough the all-gather sends fewer bytes.
 
 Random draws use keys ``derive_key(seed, step, bucket_index, rank, shard, phase)``
 (:func:`gradcomp.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode), never the
@@ -43,8 +38,7 @@ import torch.distributed as dist
 from . import kernels, lognormal
 from .codecs import Codec, decode_payload
 from .codecs.base import ShardFit, fit_or_none
-from .collectives import (ReduceStats, allgather_mean, allreduce_mean, as_transport, choose_by_size,
-                          choose_collective, expected_messages, shard_bounds, two_phase_mean)
+from .collectives import allgather_mean, allreduce_mean, choose_collective, two_phase_mean
 from .codecs.dense import IdentityCodec
 from .rng import derive_key
 
@@ -81,10 +75,8 @@ class CompressionState:
             buckets after the first step).
         refit_every: steps between lognormal refits of each shard (>= 1).
         seed: base of every random key (see the module docstring).
-        collective: ``"auto"`` (by the cost model: all-reduce for summable codecs; else
-            all-gather for 2 ranks; for more, two-phase or all-gather per bucket by the payload
-            sizes measured at each refit), ``"two_phase"``, ``"allgather"``, or ``"allreduce"``
-            (summable codecs only).
+        collective: ``"auto"`` (by the cost model), ``"two_phase"``, ``"allgather"``, or
+            ``"allreduce"`` (summable codecs only).
         reduce_codec: codec for the two-phase re-encode; default ``codec.reduce_codec()``.
 
     Constructing a state builds (first time, about a minute) or loads the native codec kernels
@@ -134,8 +126,6 @@ class CompressionState:
         self._plans: dict[tuple, Any] = {}
         self._residuals: dict[int, tuple[tuple, torch.Tensor]] = {}  # bucket -> (layout, flat)
         self._reduce_residuals: dict[int, tuple[tuple, torch.Tensor]] = {}
-        self._bucket_collectives: dict[int, str] = {}  # bucket -> chosen by size ("auto", N > 2)
-        self._size_window: dict[int, list[float]] = {}  # bucket -> [sum S, count, sum R, count]
         self._pending: dict[int, torch.Tensor] = {}  # parameter key -> residual (after rebuild/load)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -245,8 +235,7 @@ class CompressionState:
     def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
         group, n = self.process_group, self.world_size
         dense = 2 * (n - 1) / n * 4 * buffer.numel()
-        collective = self._bucket_collectives.get(index, self.collective)
-        if step < self.warmup_steps or collective == "allreduce":
+        if step < self.warmup_steps or self.collective == "allreduce":
             codec = IdentityCodec() if step < self.warmup_steps else self.codec
             rs = allreduce_mean(buffer, codec, group)
             self._account(index, step, buffer.numel(), rs, dense, "allreduce", compressed=False)
@@ -278,7 +267,7 @@ class CompressionState:
             return payload
 
         out = buffer if buffer.dtype == torch.float32 else torch.empty_like(x)
-        if collective == "allgather":
+        if self.collective == "allgather":
             rs = allgather_mean(x.numel(), out, encode, group, _fixed(self.codec))
         else:
             rs = two_phase_mean(x.numel(), out, encode, reduce_encode, group,
@@ -287,62 +276,7 @@ class CompressionState:
             buffer.copy_(out)
         if feedback is not None:
             self._residuals[index] = (layout, feedback)
-        self._account(index, step, buffer.numel(), rs, dense, collective, compressed=True)
-        if self.collective_setting == "auto" and self.collective == "two_phase":
-            window = self._size_window.setdefault(index, [0.0, 0, 0.0, 0])
-            window[0] += rs.payload_bytes
-            window[1] += 1
-            if collective == "two_phase":
-                window[2] += rs.reduce_payload_bytes
-                window[3] += 1
-            if refit:
-                self._choose_by_size(index, step, collective, out)
-
-    def _choose_by_size(self, index: int, step: int, collective: str, mean: torch.Tensor) -> None:
-        """Re-decide bucket ``index``'s collective from the payload sizes of every rank.
-
-        Fixed-size codecs need no communication (the sizes follow from the shard sizes). Else
-        each rank contributes the mean, over the steps since the last decision, of its phase-1
-        payload ``S`` and of its re-encoded own shard ``R`` (means, not this step's sizes: between
-        refits a stale plan can make a payload ten times its refit-step size). Two-phase sends
-        ``R``; under all-gather only this step's is known: every rank holds the whole mean, so it
-        encodes its own shard with the reduce codec to measure it. One all-reduce of two float64
-        then gives every rank the same means, hence the same choice.
-        """
-        n, numel = self.world_size, mean.numel()
-        bounds = shard_bounds(numel, n)
-        fixed, reduce_fixed = _fixed(self.codec), _fixed(self.reduce_codec)
-        if fixed is not None and reduce_fixed is not None:
-            self._size_window.pop(index, None)
-            s_mean = float(sum(fixed(b - a) for a, b in bounds))
-            r_mean = sum(reduce_fixed(b - a) for a, b in bounds) / n
-        else:
-            window = self._size_window.pop(index)
-            if collective != "two_phase":
-                lo, hi = bounds[self.rank]
-                shard = mean[lo:hi]
-                plan = self._plan(self.reduce_codec, (index, 2, self.rank), shard, True)
-                window[2] += self.reduce_codec.encode(shard, key=self._key(step, index, self.rank, 2), plan=plan).numel()
-                window[3] += 1
-            sizes = torch.tensor([window[0] / window[1], window[2] / window[3]], dtype=torch.float64,
-                                 device=mean.device)
-            as_transport(self.process_group).all_reduce_sum_(sizes)
-            s_mean, r_mean = (sizes / n).tolist()
-            probe = ReduceStats(bytes_sent=round(2 * (n - 1) / n * 16), messages=expected_messages("allreduce", n))
-            with self._lock:
-                self._stats.bytes_sent += probe.bytes_sent
-                self._stats.messages += probe.messages
-                self._stats.buckets[index].update(probe_bytes=probe.bytes_sent, probe_messages=probe.messages)
-        chosen = choose_by_size(n, s_mean, r_mean)
-        if chosen != collective:
-            # The phase-1 plans were fitted per shard (two-phase) or on the whole bucket
-            # (all-gather, shard 0): refit them on the next step instead of reusing a plan of
-            # the wrong data. A reduce-side residual has nothing to correct under all-gather.
-            for key in [k for k in self._plans if k[0] == index and k[1] == 1]:
-                self._plans.pop(key)
-                self._fits.pop(key, None)
-            self._reduce_residuals.pop(index, None)
-        self._bucket_collectives[index] = chosen
+        self._account(index, step, buffer.numel(), rs, dense, self.collective, compressed=True)
 
     def _residual_for(self, index: int, layout: tuple, x: torch.Tensor) -> torch.Tensor:
         """Residual of bucket ``index``; re-keyed by parameter when DDP rebuilt its buckets."""
@@ -397,15 +331,10 @@ class CompressionState:
         few hundred bytes of framing on a real link); ``dense_bytes``:
         what an fp32 ring all-reduce would have sent; ``bits_per_element``: phase-1 payload bits
         per gradient element over compressed steps, headers included; ``steps``; ``buckets``:
-        per bucket the collective and the chosen format, sparsity and threshold (and on a step
-        that re-decided the collective by size, ``probe_bytes`` / ``probe_messages`` of that
-        all-reduce, also in the totals); ``collective``:
-        the buckets' collectives of their last step, ``+``-joined when they differ (before the
-        first step, the configured one).
+        per bucket the collective and the chosen format, sparsity and threshold.
         """
         with self._lock:
             st = self._stats
-            used = sorted({b["collective"] for b in st.buckets.values()})
             return {
                 "steps": self.step,
                 "bytes_sent": st.bytes_sent,
@@ -414,7 +343,7 @@ class CompressionState:
                 "compression_ratio": (st.dense_bytes / st.bytes_sent) if st.bytes_sent else None,
                 "bits_per_element": (8 * st.payload_bytes / st.payload_elements) if st.payload_elements else None,
                 "world_size": self.world_size,
-                "collective": "+".join(used) if used else self.collective,
+                "collective": self.collective,
                 "codec": repr(self.codec),
                 "buckets": {k: dict(v) for k, v in st.buckets.items()},
             }
@@ -426,8 +355,7 @@ class CompressionState:
                 "collective": self.collective_setting}
 
     def state_dict(self) -> dict:
-        """Checkpointable state: step, fits, residuals (by parameter position), the buckets'
-        collectives chosen by size, statistics."""
+        """Checkpointable state: step, fits, residuals (by parameter position), statistics."""
         self.wait_idle()
         residuals = {}
         for layout, flat in self._residuals.values():
@@ -454,8 +382,6 @@ class CompressionState:
             "residuals": residuals,
             "reduce_residuals": reduce_res,
             "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self._reduce_residuals.items()},
-            "collectives": {int(b): c for b, c in self._bucket_collectives.items()},
-            "size_windows": {int(b): [float(v) for v in w] for b, w in self._size_window.items()},
             "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
                       "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
                       "messages": st.messages},
@@ -481,12 +407,6 @@ class CompressionState:
         self._pending = {int(k): v for k, v in sd["residuals"].items()}
         self._reduce_residuals = {
             int(b): (tuple(sd["reduce_residual_layouts"][b]), t) for b, t in sd["reduce_residuals"].items()}
-        collectives = sd.get("collectives", {})  # absent in state_dicts saved before it existed
-        if not all(c in ("two_phase", "allgather") for c in collectives.values()):
-            raise ValueError(f"state_dict has unknown per-bucket collectives {collectives}")
-        self._bucket_collectives = {int(b): str(c) for b, c in collectives.items()}
-        self._size_window = {int(b): [float(w[0]), int(w[1]), float(w[2]), int(w[3])]
-                             for b, w in sd.get("size_windows", {}).items()}
         st = sd["stats"]
         self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
                              dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),

@@ -48,17 +48,16 @@ def test_torch_cost_model_matches_hand_count():
     assert bw.torch_model_bytes("powersgd_r5", params, 2) == pytest.approx(4 * (1064 * 5 + 1000 + 10000 + 10))
 
 
-def test_our_cost_model_counts_both_phases_probe_and_messages():
+def test_our_cost_model_counts_both_phases_and_messages():
     bucket = {"numel": 1000, "collective": "two_phase", "payload_bytes": 400, "reduce_payload_bytes": 50,
               "messages": 12}
     both, phase1, messages = bw._our_model_bytes({"buckets": {0: bucket}}, 4)
     assert phase1 == pytest.approx(1.5 * 400)  # as if the reduced shard were S/N
     assert both == pytest.approx(0.75 * (400 + 4 * 50))  # (N-1)/N S + (N-1) R
     assert messages == 12
-    # a step that re-decided the collective by size: its all-reduce counts too
-    probe = dict(bucket, collective="allgather", reduce_payload_bytes=None, probe_bytes=24, probe_messages=6)
-    both, phase1, messages = bw._our_model_bytes({"buckets": {0: probe}}, 4)
-    assert both == pytest.approx(3 * 400 + 24) and phase1 == pytest.approx(3 * 400) and messages == 18
+    gather = dict(bucket, collective="allgather", reduce_payload_bytes=None, messages=6)
+    both, phase1, messages = bw._our_model_bytes({"buckets": {0: gather}}, 4)
+    assert both == pytest.approx(3 * 400) and phase1 == pytest.approx(3 * 400) and messages == 6
     assert bw.wire_model_bytes(1000.0, 10, 300.0, 0.001) == pytest.approx(1001.0 + 3000.0)
 
 
