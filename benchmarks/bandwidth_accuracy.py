@@ -1004,6 +1004,14 @@ def figures(summary: dict, cfg: SweepConfig) -> list[str]:
             else:
                 head += (f"Payload-only model (framing not measured here): worst deviation {worst_payload * 100:.1f}%: "
                          f"**{'met' if worst_payload <= 0.05 else 'not met'}** (within 5%). ")
+            others = []
+            for other in cfg.rates:
+                devs = [abs(x["bytes_measured_over_wire_model"] - 1) for m in ours for n in (n_lo, n_hi2)
+                        if (x := get(other, n, m)) and x.get("bytes_measured_over_wire_model") is not None]
+                if other != rate and devs:
+                    others.append(f"{rate_label(other)} {max(devs) * 100:.1f}%")
+            if others:
+                head += f"Worst wire-model deviation at the other rates: {', '.join(others)}. "
             head += (f"Flat: a two-phase dense codec grows by 2(N-1)/N, x{ring:.2f}, not by N-1 as an all-gather "
                      f"would, x{(n_hi2 - 1) / (n_lo - 1):.0f}; a sparse codec's reduced mean is the union of N "
                      "supports, so its bytes grow more.")
@@ -1036,7 +1044,9 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
         f"CPU: {env['cpu']}, {env['cores']} cores; 1 torch thread per rank; torch {env['torch']}, "
         f"ray {env.get('ray', '-')}, gradcomp {env['gradcomp']}, Python {env['python']}; {env['platform']}.",
         f"Rates: {', '.join(rate_label(r) for r in cfg.rates)}; ranks N: {', '.join(map(str, cfg.world_sizes))}; "
-        f"seeds: {', '.join(map(str, cfg.seeds))}. Started {meta['started']}, took {_fmt_s(meta['seconds'])}.", "",
+        f"seeds: {', '.join(map(str, cfg.seeds))}. Started {meta['started']}, took {_fmt_s(meta['seconds'])}"
+        + (f" for the runs not kept from an earlier invocation ({meta['kept_runs']} kept with --resume)"
+           if meta.get("kept_runs") else "") + ".", "",
         f"Network: {meta['network']}", "",
         f"Workload: {meta['model']} ({meta['params']:,} parameters) on {meta['data']}; global batch "
         f"{cfg.global_batch} ({cfg.global_batch // max(cfg.world_sizes)}-{cfg.global_batch // min(cfg.world_sizes)} "
@@ -1271,11 +1281,13 @@ def main(argv=None) -> int:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     failures: list = []
     t_start = time.time()
+    kept = 0  # runs kept from an earlier invocation (--resume)
     if not a.report_only:
         if not a.resume and os.path.exists(rows_path):
             os.remove(rows_path)
         done = [[r["rate"], r["world_size"], r["seed"], r["method"]] for r in _load_rows(rows_path)
                 if r.get("steps", cfg.steps) == cfg.steps]  # a run with other settings is redone
+        kept = len(done)
         measure_rates = list(cfg.rates) if (netns and tc) else [UNCAPPED]
         todo = [x for x in runs if x[0] in measure_rates and list(x) not in done]
         total_est = sum(estimate_run_s(m, r, n, cfg, params) for r, n, s, m in todo) + sum(
@@ -1313,11 +1325,11 @@ def main(argv=None) -> int:
         try:
             with open(os.path.join(cfg.output, "bandwidth.json")) as f:
                 old = json.load(f)
-            started, seconds = old["started"], old["seconds"]
+            started, seconds, kept = old["started"], old["seconds"], old.get("kept_runs", 0)
         except (OSError, KeyError, ValueError):
             pass
     meta = {"environment": _environment(), "network": network, "model": model_name, "params": params,
-            "data": data["source"], "started": started, "seconds": seconds,
+            "data": data["source"], "started": started, "seconds": seconds, "kept_runs": kept,
             "estimated_seconds": est, "rate_cap": bool(netns and tc)}
     out = write_outputs(rows, cfg, meta)
     print("\n".join(l for l in out["markdown"].splitlines() if l.startswith("- ")))
