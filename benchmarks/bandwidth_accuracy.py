@@ -433,8 +433,8 @@ def _measure_cap(rank: int, job: dict) -> dict:
 
 FRAMING_EMPTY_CALLS = 20
 # The order of the hook's messages here (FPCodec(6) at N=4: 100 kB shards; sparse codecs 2-30 kB).
-# Much larger all-to-alls overflow tbf's queue at N=4 (12 flows of 256 kB at once measured 1.1%
-# of retransmissions), which the training traffic does not see.
+# Much larger all-to-alls measured more at N=4 (12 flows of 256 kB at once: 1.1% over the payload,
+# most likely retransmissions from tbf's queue), which the training traffic does not see.
 FRAMING_PEER_BYTES = 64 * 1024
 FRAMING_FULL_CALLS = 8
 FRAMING_REPEATS = 7
@@ -446,8 +446,7 @@ def _measure_framing(rank: int, world: int, job: dict, barrier_bytes: float) -> 
     All-to-alls as the hook issues them (one round, then a barrier), first with empty messages
     (``FRAMING_EMPTY_CALLS``: framing only), then ``FRAMING_PEER_BYTES`` to every peer
     (``FRAMING_FULL_CALLS``), each the median of ``FRAMING_REPEATS`` repetitions; barrier
-    traffic is subtracted. Each call is ``N(N-1)`` messages on
-    the shared loopback.
+    traffic is subtracted. Each call is ``N(N-1)`` messages on the shared loopback.
     """
     import torch
     import torch.distributed as dist
