@@ -433,8 +433,6 @@ def _measure_cap(rank: int, job: dict) -> dict:
 
 FRAMING_EMPTY_CALLS = 20
 # The order of the hook's messages here (FPCodec(6) at N=4: 100 kB shards; sparse codecs 2-30 kB).
-# Much larger all-to-alls measured more at N=4 (12 flows of 256 kB at once: 1.1% over the payload,
-# most likely retransmissions from tbf's queue), which the training traffic does not see.
 FRAMING_PEER_BYTES = 64 * 1024
 FRAMING_FULL_CALLS = 8
 FRAMING_REPEATS = 7
