@@ -6,8 +6,9 @@ memory-bandwidth yardstick the codec ratios are quoted against. Two kinds of row
 
 * format rows (``fp6_e3m2_*``): the FP kernels alone, on the native fused path
   (:mod:`gradcomp.kernels`) and on the eager reference path;
-* format-function rows: ``gradcomp.encode`` / ``decode`` (FP6 codes, unpacked) and
-  ``gradcomp.pack`` / ``unpack`` (6-bit codes), native and eager;
+* format-function rows: ``gradcomp.encode`` / ``decode`` (FP6 codes, unpacked; decode into a
+  preallocated ``out=``, as memcpy) and ``gradcomp.pack`` / ``unpack`` (6-bit codes), native
+  and eager;
 * codec rows (``codec:...``): every codec's full ``encode`` (header, fit-derived plan given,
   no-saturation check, pruning/positions) and ``decode_payload`` into a preallocated buffer,
   on the native kernels (``native``: what training uses) and on the eager reference.
@@ -123,7 +124,7 @@ def run(numel: int, repeats: int, threads: list[int], progress: bool, paths: lis
             packed = gradcomp.pack(codes, 6)
             row("gradcomp.encode / decode", fmt6.name, "stochastic", nthreads, memcpy_s,
                 _time(lambda: gradcomp.encode(x, fmt6, "stochastic", key=1, scale_exp=-9), repeats),
-                _time(lambda: gradcomp.decode(codes, fmt6, scale_exp=-9), repeats), path)
+                _time(lambda: gradcomp.decode(codes, fmt6, scale_exp=-9, out=out), repeats), path)
             row("gradcomp.pack / unpack", "6-bit codes", "", nthreads, memcpy_s,
                 _time(lambda: gradcomp.pack(codes, 6), repeats),
                 _time(lambda: gradcomp.unpack(packed, 6, numel), repeats), path)

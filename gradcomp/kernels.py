@@ -245,10 +245,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor | 
     return None if mod is None else mod.unpack_codes(packed, bits, numel)
 
 
-def decode_codes(codes: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """``(table[codes] as float32, all codes in range)`` for uint8/int32 CPU codes, or ``None``."""
+def decode_codes(codes: torch.Tensor, table: torch.Tensor,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
+    """``(table[codes] as float32, all codes in range)`` for uint8/int32 CPU codes, or ``None``.
+
+    Writes into ``out`` (contiguous float32, ``codes``' shape) when given."""
     mod = _native_unless(codes.device.type != "cpu" or codes.dtype not in (torch.uint8, torch.int32))
     if mod is None:
         return None
-    out = torch.empty(codes.shape, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(codes.shape, dtype=torch.float32)
     return out, bool(mod.decode_codes(codes, table.contiguous(), out))

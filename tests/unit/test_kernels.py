@@ -131,7 +131,13 @@ def test_format_functions_match_eager(native, fmt):
         values = gradcomp.decode(codes, fmt, scale_exp=k)
         with _eager():
             want = gradcomp.decode(codes, fmt, scale_exp=k)
+            into = torch.full(codes.shape, math.nan)
+            assert gradcomp.decode(codes, fmt, scale_exp=k, out=into) is into
+            assert torch.equal(into.view(torch.int32), want.view(torch.int32))
         assert values.shape == want.shape and torch.equal(values.view(torch.int32), want.view(torch.int32))
+        into = torch.full(codes.shape, math.nan)
+        assert gradcomp.decode(codes, fmt, scale_exp=k, out=into) is into
+        assert torch.equal(into.view(torch.int32), want.view(torch.int32))
 
 
 def test_decode_rejects_out_of_range_codes_like_eager(native):

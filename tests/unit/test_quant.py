@@ -77,6 +77,11 @@ def test_bad_arguments():
         decode(torch.tensor([64]), E3M2)
     with pytest.raises(ValueError, match="integer tensor"):
         decode(torch.tensor([1.0]), E3M2)
+    codes = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    for bad_out in (torch.empty(3), torch.empty(4, dtype=torch.float64), torch.empty(2, 2),
+                    torch.empty(8)[::2], [0.0] * 4):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 tensor of shape"):
+            decode(codes, E3M2, out=bad_out)
 
 
 def test_stochastic_generator_reproducible():
