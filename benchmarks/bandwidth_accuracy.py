@@ -7,7 +7,11 @@ private network namespace (``unshare -n``) whose loopback is capped with ``tc ..
 requested rate, so their TCP traffic crosses a real rate-limited link. All ranks share that one
 link (every byte any rank sends passes it once). Per run it records the bytes on that loopback
 (``/proc/net/dev`` inside the namespace: real for every method, TCP/IP headers included), step
-time p50/p90, compute-only step time, test accuracy over time and the measured link rate.
+time p50/p90, compute-only step time, test accuracy over time and the measured link rate. Per
+rate and N it first measures the link's framing (bytes per message and per payload byte, with
+all-to-alls that carry no training traffic), so gradcomp's rows compare the measured bytes with
+a wire-level cost model (payload model + framing x the hook's message count) as well as with the
+payload-only one.
 
 Where namespaces or tc are not available it says so, measures what it can on the uncapped host
 loopback, and fills the capped rates with a clearly labelled cost-model estimate.
