@@ -208,6 +208,13 @@ class ReduceStats:
     reduce_payload_bytes: int = 0  # bytes of the re-encoded reduced shard (two-phase only)
     shard_payload_bytes: tuple = ()  # phase-1 payload size per shard (two-phase)
     messages: int = 0  # nominal messages sent (N-1 per round; see the module docstring)
+    # The result carries a non-finite value: some rank's input held inf or NaN (its payload's
+    # header flag), so the decoded mean is NaN there. The same on every rank (the same bytes).
+    nonfinite: bool = False
+
+
+def _any_flagged(payloads: list[torch.Tensor]) -> bool:
+    return any(p.numel() >= HEADER_BYTES and read_header(p).nonfinite for p in payloads)
 
 
 def _sum_in_rank_order(payloads: list[torch.Tensor], numel: int, out: torch.Tensor) -> torch.Tensor:
@@ -278,7 +285,8 @@ def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
     payload = encode(0, 0, numel)
     res = transport.all_gather(payload, [fixed_size(numel)] * n if fixed_size is not None else None)
     decode_mean(res.received, numel, out, n)  # the payload is encoded: out is free
-    return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel(), messages=res.messages)
+    return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel(), messages=res.messages,
+                       nonfinite=_any_flagged(res.received))
 
 
 def two_phase_mean(
@@ -318,4 +326,5 @@ def two_phase_mean(
                        payload_bytes=sum(p.numel() for p in payloads),
                        reduce_payload_bytes=reduced.numel(),
                        shard_payload_bytes=tuple(p.numel() for p in payloads),
-                       messages=res1.messages + res2.messages)
+                       messages=res1.messages + res2.messages,
+                       nonfinite=_any_flagged(res2.received))

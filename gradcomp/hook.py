@@ -18,6 +18,36 @@ What happens to one gradient bucket (``bucket.buffer()``, averaged in place):
    order on every rank, so every rank issues the same collectives in the same order.
 5. The result is decoded in place into the bucket; the returned future completes with it.
 
+Collective ordering. Every collective of the hook (the warm-up all-reduce, size exchanges, both
+two-phase rounds) runs on the state's *own* process group, a copy of DDP's group (same ranks,
+same backend) made with ``dist.new_group`` when the state is bound, and only the worker thread
+issues on it. DDP meanwhile issues collectives of its own on its group from the backward thread
+(``find_unused_parameters=True`` all-reduces the used-parameter map while the last buckets are
+still being reduced; ``Join`` shadows collectives); on a shared group the two threads' orders
+could differ between ranks, which pairs mismatched messages (gloo: "Received data size doesn't
+match expected size") or hangs. With two groups each group sees one thread's order, the same on
+every rank. Cost: one group per state (gloo: a TCP connection to each peer and its rendezvous
+through the store, milliseconds at construction; NCCL: one more communicator, created on first
+use). The group is released by :meth:`CompressionState.close`.
+
+Failures. A collective that fails (a peer died: gloo notices a closed connection at once) or
+stalls past the group's ``timeout`` (a stopped or very late peer) raises in the worker; the
+bucket's future carries a ``RuntimeError`` that names the bucket, the step and the timeout, DDP
+re-raises it from ``backward()``, and every later bucket fails at once with the same cause
+instead of waiting another timeout. The worker is a daemon thread: a process whose main thread
+has ended is never kept alive by a collective stuck in it.
+
+Non-finite gradients (AMP). A payload whose input held inf or NaN carries the header flag and
+decodes to NaN, so the averaged bucket is NaN on every rank and ``GradScaler`` skips the step
+everywhere. Error feedback is overflow-safe: the residuals of a step in which any bucket's
+result was flagged are discarded whole (worker and reduce side keep the previous step's), and
+``stats()["nonfinite_steps"]`` counts such steps. (The residual is carried in the units of the
+gradient it came from; GradScaler's occasional scale changes rescale it by that factor once.)
+
+CUDA. The returned future is made with ``devices=[bucket device]``; the worker waits on an event
+recorded on the caller's current stream at ``submit()``, runs on a side stream, and completes
+the future with that stream current, so DDP's consumers synchronise with it.
+
 Random draws use keys ``derive_key(seed, step, bucket_index, rank, shard, phase)``
 (:func:`gradcomp.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode), never the
 global RNG, so a run is reproducible and a resumed run continues exactly.
@@ -25,8 +55,9 @@ global RNG, so a run is reproducible and a resumed run continues exactly.
 
 from __future__ import annotations
 
-import concurrent.futures
+import datetime
 import math
+import queue
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -59,7 +90,72 @@ class _Stats:
     payload_bytes: int = 0
     payload_elements: int = 0
     messages: int = 0
+    nonfinite_steps: int = 0
     buckets: dict = field(default_factory=dict)
+
+
+class _Worker:
+    """One daemon thread that runs jobs first-in first-out (the hook's collective schedule).
+
+    A daemon, unlike ``concurrent.futures``' workers (joined at interpreter exit): a job stuck
+    in a collective whose peer is gone never keeps the process alive. Jobs handle their own
+    exceptions.
+    """
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, args = job
+            fn(*args)
+
+    def submit(self, fn, *args) -> None:
+        self._queue.put((fn, args))
+
+    def drain(self) -> None:
+        """Block until every job submitted so far has run."""
+        done = threading.Event()
+        self.submit(done.set)
+        done.wait()
+
+    def stop(self, wait: bool) -> None:
+        self._queue.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _as_timeout(value) -> datetime.timedelta | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"timeout must be seconds (a number) or a datetime.timedelta, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"timeout must be positive and finite, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _group_timeout(group) -> datetime.timedelta | None:
+    """The timeout ``group``'s backend was built with (``init_process_group(timeout=...)``)."""
+    try:
+        pg = group if group is not None else dist.group.WORLD
+        for device in (torch.device("cpu"), torch.device("cuda")):
+            try:
+                return pg._get_backend(device).options._timeout
+            except (RuntimeError, AttributeError):
+                continue
+    except Exception:  # a private API: fall back to torch's default for the backend
+        pass
+    return None
 
 
 class CompressionState:
@@ -78,6 +174,10 @@ class CompressionState:
         collective: ``"auto"`` (by the cost model), ``"two_phase"``, ``"allgather"``, or
             ``"allreduce"`` (summable codecs only).
         reduce_codec: codec for the two-phase re-encode; default ``codec.reduce_codec()``.
+        timeout: seconds (or a ``timedelta``) after which a collective of the hook's own process
+            group gives up (a stalled or stopped peer); default: the timeout of
+            ``process_group`` itself (``init_process_group(timeout=...)``; torch's default is
+            30 minutes for gloo, 10 for NCCL). A killed peer is noticed sooner by gloo.
 
     Constructing a state builds (first time, about a minute) or loads the native codec kernels
     (:mod:`gradcomp.kernels`), so no training step waits for a compiler. Invalid settings raise
@@ -96,6 +196,7 @@ class CompressionState:
         seed: int = 0,
         collective: str = "auto",
         reduce_codec: Codec | None = None,
+        timeout: float | datetime.timedelta | None = None,
     ):
         # ---- settings
         if not isinstance(codec, Codec):
@@ -113,21 +214,29 @@ class CompressionState:
         self.refit_every = _check_int(refit_every, "refit_every", 1)
         self.seed = _check_int(seed, "seed", 0)
         self.collective_setting = collective
+        self.timeout = _as_timeout(timeout)
         # ---- internal
         self.process_group = process_group
+        self._comm = None  # what the collectives run on: the state's own group (or a Transport)
+        self._bound = False
         self.world_size, self.rank = 1, 0
         self.collective = choose_collective(collective, codec, 2)  # validates early
+        self.step = 0
+        self._worker: _Worker | None = None
+        self._failure: BaseException | None = None  # first failed collective: later buckets fail fast
+        self._staged: dict[int, tuple[tuple, torch.Tensor]] = {}  # this step's residuals, committed at its end
+        self._staged_reduce: dict[int, tuple[tuple, torch.Tensor]] = {}
+        self._staged_step = -1
+        self._step_nonfinite = False
+        self._cuda_streams: dict = {}
         if dist.is_available() and dist.is_initialized():
             self._bind_group()
-            self._check_same_settings_on_all_ranks()
-        self.step = 0
         self._param_keys: dict[int, int] = {}  # id(parameter) -> position in the model
         self._fits: dict[tuple, lognormal.LognormalFit | None] = {}  # (bucket, phase, shard)
         self._plans: dict[tuple, Any] = {}
         self._residuals: dict[int, tuple[tuple, torch.Tensor]] = {}  # bucket -> (layout, flat)
         self._reduce_residuals: dict[int, tuple[tuple, torch.Tensor]] = {}
         self._pending: dict[int, torch.Tensor] = {}  # parameter key -> residual (after rebuild/load)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         # ---- stats
         self._stats = _Stats()
@@ -137,22 +246,43 @@ class CompressionState:
 
     # ------------------------------------------------------------------ setup / pickling
     def _bind_group(self) -> None:
+        """Join the process group: rank, size, the state's own group, the settings check.
+
+        Collective over ``process_group`` (every rank binds in the same order): at construction
+        when ``torch.distributed`` is initialized, else (a state built before
+        ``init_process_group``, or unpickled) at its first bucket.
+        """
         group = self.process_group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.collective = choose_collective(self.collective_setting, self.codec, self.world_size)
+        self._bound = True
+        if self.world_size > 1:
+            self._comm = self._new_comm_group(group)
+            self._check_same_settings_on_all_ranks()
+
+    def _new_comm_group(self, group):
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        whole = len(ranks) == dist.get_world_size()
+        timeout = self.timeout if self.timeout is not None else _group_timeout(group)
+        # The whole world: every process calls (the usual path, torch's own counter names the
+        # group). A sub-group: only its members build the state, so only they synchronise.
+        return dist.new_group(ranks=None if whole else ranks, timeout=timeout,
+                              backend=dist.get_backend(group), use_local_synchronization=not whole,
+                              group_desc="gradcomp_hook")
 
     def _check_same_settings_on_all_ranks(self) -> None:
         """Fail now, on every rank, if ranks were given different settings.
 
         Different collectives or codecs on different ranks would otherwise pair mismatched
-        collectives mid-training (a hang or garbage). One small all-gather at construction.
+        collectives mid-training (a hang or garbage). One small all-gather on the state's own
+        group when it is bound.
         """
         if self.world_size <= 1:
             return
         mine = repr(sorted(self._config().items()))
         everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.process_group)
+        dist.all_gather_object(everyone, mine, group=self._comm)
         if any(other != mine for other in everyone):
             raise ValueError(
                 "gradcomp: ranks built CompressionState with different settings; every rank must "
@@ -167,28 +297,43 @@ class CompressionState:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for k in ("process_group", "_executor", "_lock"):
+        for k in ("process_group", "_comm", "_worker", "_lock", "_cuda_streams", "_failure"):
             state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.process_group = None
-        self._executor = None
+        self._comm = None
+        self._bound = False  # binds (collectively) at its first bucket
+        self._worker = None
+        self._failure = None
+        self._cuda_streams = {}
         self._lock = threading.Lock()
-        if dist.is_available() and dist.is_initialized():
-            self._bind_group()
 
     def close(self) -> None:
-        """Stop the worker thread (it is also stopped when the state is garbage collected)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Finish the submitted buckets, stop the worker thread and release the state's own group.
+
+        Also done, without waiting and without releasing the group, when the state is garbage
+        collected. A closed state rebinds (collectively) if it is used again.
+        """
+        if self._worker is not None:
+            self._worker.stop(wait=True)
+            self._worker = None
+        comm = self._comm
+        if isinstance(comm, dist.ProcessGroup) and dist.is_initialized():
+            try:
+                dist.destroy_process_group(comm)
+            except (RuntimeError, ValueError):
+                pass  # already gone with the default group
+        if isinstance(comm, dist.ProcessGroup):
+            self._comm = None
+            self._bound = False
 
     def __del__(self):
-        ex = self.__dict__.get("_executor")
-        if ex is not None:
-            ex.shutdown(wait=False)
+        worker = self.__dict__.get("_worker")
+        if worker is not None:
+            worker.stop(wait=False)
 
     # ------------------------------------------------------------------ the hook body
     def _key(self, step: int, bucket: int, shard: int, phase: int) -> int:
@@ -198,32 +343,87 @@ class CompressionState:
         return tuple((self._param_keys.get(id(p), id(p)), p.numel()) for p in params)
 
     def submit(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        """Start reducing ``bucket``; return the future DDP waits on."""
-        if self.process_group is None and self.world_size == 1 and dist.is_initialized():
+        """Start reducing ``bucket``; return the future DDP waits on.
+
+        Called from DDP's backward thread; the collectives run on the worker thread, on the
+        state's own process group (see the module docstring).
+        """
+        if not self._bound and dist.is_available() and dist.is_initialized():
             self._bind_group()
-        buffer, index, step = bucket.buffer(), bucket.index(), self.step
+        buffer, index, step, last = bucket.buffer(), bucket.index(), self.step, bucket.is_last()
         layout = self._layout(bucket.parameters()) if self.worker_feedback else ()
-        if bucket.is_last():
+        if last:
             self.step += 1
-        fut: torch.futures.Future = torch.futures.Future()
+        device = buffer.device
+        if device.type == "cuda":
+            fut: torch.futures.Future = torch.futures.Future(devices=[device])
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))
+        else:
+            fut, ready = torch.futures.Future(), None
         if self.world_size == 1:  # nothing crosses a network
             fut.set_result(buffer)
             return fut
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="gradcomp-reduce")
-        device = buffer.device
-        self._executor.submit(self._job, fut, buffer, index, step, layout, device)
+        if self._worker is None:
+            self._worker = _Worker("gradcomp-reduce")
+        self._worker.submit(self._job, fut, buffer, index, step, last, layout, ready)
         return fut
 
-    def _job(self, fut, buffer, index, step, layout, device) -> None:
+    def _job(self, fut, buffer, index, step, last, layout, ready) -> None:
         try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            self._reduce(buffer, index, step, layout)
-            fut.set_result(buffer)
+            if self._failure is not None:
+                raise RuntimeError(
+                    f"gradcomp: bucket {index} of step {step} not reduced on rank {self.rank}: an "
+                    f"earlier collective of this hook failed ({self._failure})") from self._failure
+            if ready is not None:  # CUDA: run after the caller's stream produced the gradients
+                with torch.cuda.device(buffer.device):
+                    stream = self._cuda_streams.get(buffer.device)
+                    if stream is None:
+                        stream = self._cuda_streams[buffer.device] = torch.cuda.Stream(buffer.device)
+                    stream.wait_event(ready)
+                    with torch.cuda.stream(stream):
+                        self._reduce_step(buffer, index, step, last, layout)
+                        fut.set_result(buffer)
+            else:
+                self._reduce_step(buffer, index, step, last, layout)
+                fut.set_result(buffer)
         except BaseException as exc:  # surface in backward instead of hanging DDP
+            if self._failure is None:
+                self._failure = exc
+                exc = RuntimeError(
+                    f"gradcomp: reducing bucket {index} ({buffer.numel()} elements) of step {step} "
+                    f"failed on rank {self.rank} of {self.world_size}: {type(exc).__name__}: {exc}. "
+                    "A peer that died or stopped fails its collectives (a killed process at once, "
+                    f"a stalled one after the hook group's timeout, {self._timeout_text()}); every "
+                    "later bucket of this state fails at once.")
+                exc.__cause__ = self._failure
             fut.set_exception(exc)
+
+    def _timeout_text(self) -> str:
+        t = self.timeout if self.timeout is not None else _group_timeout(self.process_group)
+        where = "CompressionState(timeout=...)" if self.timeout is not None else \
+            "that of the DDP process group; set it with CompressionState(timeout=...) or init_process_group(timeout=...)"
+        return f"{t.total_seconds():g} s, {where}" if t is not None else where
+
+    def _reduce_step(self, buffer, index, step, last, layout) -> None:
+        """Reduce one bucket, then at the step's last bucket commit (or drop) its residuals."""
+        if step != self._staged_step:  # a step whose last bucket never came: keep what it staged
+            self._commit_residuals(keep=True)
+            self._staged_step, self._step_nonfinite = step, False
+        self._reduce(buffer, index, step, layout)
+        if last:
+            self._commit_residuals(keep=not self._step_nonfinite)
+            if self._step_nonfinite:
+                with self._lock:
+                    self._stats.nonfinite_steps += 1
+            self._staged_step, self._step_nonfinite = -1, False
+
+    def _commit_residuals(self, keep: bool) -> None:
+        if keep:
+            self._residuals.update(self._staged)
+            self._reduce_residuals.update(self._staged_reduce)
+        self._staged.clear()
+        self._staged_reduce.clear()
 
     def _plan(self, codec: Codec, key: tuple, values: torch.Tensor, refit: bool) -> Any:
         if refit or key not in self._plans:
@@ -233,7 +433,7 @@ class CompressionState:
         return self._plans[key]
 
     def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
-        group, n = self.process_group, self.world_size
+        group, n = self._comm, self.world_size
         dense = 2 * (n - 1) / n * 4 * buffer.numel()
         if step < self.warmup_steps or self.collective == "allreduce":
             codec = IdentityCodec() if step < self.warmup_steps else self.codec
@@ -263,7 +463,7 @@ class CompressionState:
             payload = self.reduce_codec.encode(mean, key=self._key(step, index, self.rank, 2), plan=plan)
             if self.reduce_feedback:
                 res = mean - decode_payload(payload, mean.numel())
-                self._reduce_residuals[index] = ((n, buffer.numel()), res)
+                self._staged_reduce[index] = ((n, buffer.numel()), res)
             return payload
 
         out = buffer if buffer.dtype == torch.float32 else torch.empty_like(x)
@@ -274,8 +474,10 @@ class CompressionState:
                                 _fixed(self.codec), _fixed(self.reduce_codec))
         if out is not buffer:
             buffer.copy_(out)
+        if rs.nonfinite:
+            self._step_nonfinite = True
         if feedback is not None:
-            self._residuals[index] = (layout, feedback)
+            self._staged[index] = (layout, feedback)
         self._account(index, step, buffer.numel(), rs, dense, self.collective, compressed=True)
 
     def _residual_for(self, index: int, layout: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -326,7 +528,8 @@ class CompressionState:
     def stats(self) -> dict:
         """Cumulative wire statistics of this rank.
 
-        ``bytes_sent``: bytes this rank handed to collectives for other ranks; ``messages``:
+        ``nonfinite_steps``: compressed steps whose result carried inf or NaN (GradScaler
+        skips them; their residuals were discarded); ``bytes_sent``: bytes this rank handed to collectives for other ranks; ``messages``:
         the nominal messages it sent (``N-1`` per round, size exchanges included: each costs a
         few hundred bytes of framing on a real link); ``dense_bytes``:
         what an fp32 ring all-reduce would have sent; ``bits_per_element``: phase-1 payload bits
@@ -339,6 +542,7 @@ class CompressionState:
                 "steps": self.step,
                 "bytes_sent": st.bytes_sent,
                 "messages": st.messages,
+                "nonfinite_steps": st.nonfinite_steps,
                 "dense_bytes": st.dense_bytes,
                 "compression_ratio": (st.dense_bytes / st.bytes_sent) if st.bytes_sent else None,
                 "bits_per_element": (8 * st.payload_bytes / st.payload_elements) if st.payload_elements else None,
@@ -384,7 +588,7 @@ class CompressionState:
             "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self._reduce_residuals.items()},
             "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
                       "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
-                      "messages": st.messages},
+                      "messages": st.messages, "nonfinite_steps": st.nonfinite_steps},
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -404,18 +608,21 @@ class CompressionState:
             codec = self.codec if key[1] == 1 else self.reduce_codec
             self._plans[key] = codec.plan(fit)
         self._residuals.clear()
+        self._staged.clear()
+        self._staged_reduce.clear()
         self._pending = {int(k): v for k, v in sd["residuals"].items()}
         self._reduce_residuals = {
             int(b): (tuple(sd["reduce_residual_layouts"][b]), t) for b, t in sd["reduce_residuals"].items()}
         st = sd["stats"]
         self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
                              dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),
-                             payload_elements=int(st["payload_elements"]), messages=int(st.get("messages", 0)))
+                             payload_elements=int(st["payload_elements"]), messages=int(st.get("messages", 0)),
+                             nonfinite_steps=int(st.get("nonfinite_steps", 0)))
 
     def wait_idle(self) -> None:
-        """Block until every submitted bucket has been reduced."""
-        if self._executor is not None:
-            self._executor.submit(lambda: None).result()
+        """Block until every submitted bucket has been reduced (or has failed)."""
+        if self._worker is not None:
+            self._worker.drain()
 
 
 def _fixed(codec: Codec):

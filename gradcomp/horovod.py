@@ -153,14 +153,16 @@ class HorovodCompressionState(CompressionState):
         if not isinstance(transport, HorovodTransport):
             raise ValueError(f"transport must be a HorovodTransport, got {type(transport).__name__}")
         super().__init__(codec, process_group=transport, **options)
-        if not (dist.is_available() and dist.is_initialized()):  # else the base class did both
+        if not self._bound:  # else the base class bound it (torch.distributed is initialized)
             self._bind_group()
-            self._check_same_settings_on_all_ranks()
 
     def _bind_group(self) -> None:
+        """Bind to the transport (Horovod orders its own collectives: no group of our own)."""
         transport = self.process_group
         self.world_size, self.rank = transport.world_size, transport.rank
         self.collective = choose_collective(self.collective_setting, self.codec, self.world_size)
+        self._comm, self._bound = transport, True
+        self._check_same_settings_on_all_ranks()
 
     def _check_same_settings_on_all_ranks(self) -> None:
         if self.world_size <= 1:

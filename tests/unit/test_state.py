@@ -39,7 +39,7 @@ def test_state_pickles_without_group_and_thread():
     s = gradcomp.CompressionState(TopKCodec(0.01), error_feedback=True, seed=3)
     s.step = 42
     t = pickle.loads(pickle.dumps(s))
-    assert t.step == 42 and t.seed == 3 and t.process_group is None and t._executor is None
+    assert t.step == 42 and t.seed == 3 and t.process_group is None and t._worker is None and t._comm is None
     assert t.codec == TopKCodec(0.01)
 
 
