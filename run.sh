@@ -9,13 +9,14 @@
 #   bash run.sh demo [args]   the numerics demo (python -m gradcomp demo)
 #   bash run.sh setup         only set up (venv, package, Horovod build)
 #
-# Environment: GRADCOMP_VENV (default .venv), GRADCOMP_EXTRAS (default dev,bench,ray),
+# Environment: GRADCOMP_VENV (default .venv), GRADCOMP_EXTRAS (default
+# dev,bench,ray,lightning,accelerate: the trainer extras let tests/integrations run),
 # GRADCOMP_HOROVOD (default 1: build Horovod 0.28.1 with launch/build_horovod.sh, ~4 min once),
 # GRADCOMP_PIP_ARGS (extra pip arguments, e.g. an index with CPU torch wheels).
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${GRADCOMP_VENV:-.venv}"
-extras="${GRADCOMP_EXTRAS:-dev,bench,ray}"
+extras="${GRADCOMP_EXTRAS:-dev,bench,ray,lightning,accelerate}"
 read -r -a pip_args <<< "${GRADCOMP_PIP_ARGS:-}"
 
 setup_env() {
