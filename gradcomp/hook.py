@@ -649,6 +649,10 @@ def register(ddp_model: torch.nn.parallel.DistributedDataParallel, codec: Codec,
     Example:
         >>> state = register(ddp_model, codec=FPCodec(6), error_feedback=True)  # doctest: +SKIP
     """
+    if not callable(getattr(ddp_model, "register_comm_hook", None)):
+        raise ValueError(
+            f"register() needs a DistributedDataParallel model, got {type(ddp_model).__name__}: wrap "
+            "it in DDP first (a trainer's prepared model is DDP only when it runs on several processes)")
     options.setdefault("process_group", getattr(ddp_model, "process_group", None))
     state = CompressionState(codec, **options)
     state.bind_model(ddp_model)

@@ -184,3 +184,46 @@ def dead_peer_rank(rank: int, world: int, workdir: str, how: str, hook_timeout: 
             break
         opt.step()
     torch.save(result, Path(workdir) / f"dead{rank}.pt")
+
+
+def nonfinite_feedback_case(rank: int, world: int) -> dict:
+    """Error feedback across a step whose input is inf on rank 1: residuals (worker and reduce
+    side) stay exactly as the previous step left them, the result is NaN on every rank (the
+    shard that held the inf), and the
+    next finite step updates them again."""
+    from .harness import FakeBucket
+
+    out = {}
+    for name in ("fp6", "prune_fp", "topk"):
+        codec, _ = make_codec(name)
+        state = gradcomp.CompressionState(codec, error_feedback=True, warmup_steps=0,
+                                          collective="two_phase", seed=1)
+        params = [nn.Parameter(torch.empty(5000))]
+
+        def step(poison: bool) -> torch.Tensor:
+            x = torch.randn(5000, generator=torch.Generator().manual_seed(rank)) * 1e-3
+            if poison and rank == 1:
+                x[17] = float("inf")
+            return state.submit(FakeBucket(x, params=params)).wait().clone()
+
+        def residuals() -> list[torch.Tensor]:
+            state.wait_idle()
+            return [t.clone() for _, t in state._residuals.values()] + \
+                [t.clone() for _, t in state._reduce_residuals.values()]
+
+        step(False)
+        before = residuals()
+        y = step(True)
+        after = residuals()
+        step(False)
+        later = residuals()
+        out[name] = {
+            # the shard holding the inf is NaN on every rank (enough for GradScaler to skip)
+            "result_nan": bool(torch.isnan(y[:5000 // world]).all()),
+            "kept": len(before) == len(after) == 2 and all(torch.equal(a, b) for a, b in zip(before, after)),
+            "finite": all(bool(torch.isfinite(t).all()) for t in after + later),
+            "updated_later": any(not torch.equal(a, b) for a, b in zip(after, later)),
+            "nonfinite_steps": state.stats()["nonfinite_steps"],
+        }
+        state.close()
+    return out

@@ -90,3 +90,12 @@ def test_dead_or_stalled_peer_fails_in_bounded_time(how, hook_timeout, within, t
             if p.is_alive():
                 p.kill()
             p.join(5)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_error_feedback_keeps_residuals_across_a_nonfinite_step(world, tmp_path):
+    results = spawn(world, cc.nonfinite_feedback_case, tmp_path, timeout=180)
+    for r, rr in enumerate(results):
+        for name, res in rr.items():
+            assert res == {"result_nan": True, "kept": True, "finite": True,
+                           "updated_later": True, "nonfinite_steps": 1}, (r, name, res)

@@ -87,3 +87,22 @@ def test_residuals_follow_parameters_across_a_bucket_rebuild():
     assert r.tolist() == [4.0, 5.0]
     r = s._residual_for(2, ((12, 1), (10, 3)), torch.zeros(4))
     assert r.tolist() == [0.0, 1.0, 2.0, 3.0]  # p2 had no residual yet
+
+
+def test_register_needs_a_ddp_model():
+    with pytest.raises(ValueError, match="needs a DistributedDataParallel model"):
+        gradcomp.register(torch.nn.Linear(2, 2), codec=FPCodec(6))
+
+
+@pytest.mark.parametrize("timeout,msg", [(0, "positive"), (-1.0, "positive"), (float("inf"), "finite"),
+                                         ("10", "seconds"), (True, "seconds")])
+def test_invalid_timeout_raises(timeout, msg):
+    with pytest.raises(ValueError, match=msg):
+        gradcomp.CompressionState(FPCodec(6), timeout=timeout)
+
+
+def test_timeout_accepts_seconds_and_timedelta():
+    import datetime
+
+    assert gradcomp.CompressionState(FPCodec(6), timeout=7).timeout == datetime.timedelta(seconds=7)
+    assert gradcomp.CompressionState(FPCodec(6), timeout=datetime.timedelta(minutes=2)).timeout.total_seconds() == 120
