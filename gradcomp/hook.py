@@ -69,7 +69,7 @@ import torch.distributed as dist
 from . import kernels, lognormal
 from .codecs import Codec, decode_payload
 from .codecs.base import ShardFit, fit_or_none
-from .collectives import allgather_mean, allreduce_mean, choose_collective, two_phase_mean
+from .collectives import allgather_mean, allreduce_mean, as_transport, choose_collective, two_phase_mean
 from .codecs.dense import IdentityCodec
 from .rng import derive_key
 
@@ -228,6 +228,7 @@ class CompressionState:
         self._staged_reduce: dict[int, tuple[tuple, torch.Tensor]] = {}
         self._staged_step = -1
         self._step_nonfinite = False
+        self._steps_agreed = False  # ranks compared their step before this state's first collective
         self._cuda_streams: dict = {}
         if dist.is_available() and dist.is_initialized():
             self._bind_group()
@@ -257,6 +258,7 @@ class CompressionState:
         self.rank = dist.get_rank(group)
         self.collective = choose_collective(self.collective_setting, self.codec, self.world_size)
         self._bound = True
+        self._steps_agreed = False
         if self.world_size > 1:
             self._comm = self._new_comm_group(group)
             self._check_same_settings_on_all_ranks()
@@ -306,6 +308,7 @@ class CompressionState:
         self.process_group = None
         self._comm = None
         self._bound = False  # binds (collectively) at its first bucket
+        self._steps_agreed = False
         self._worker = None
         self._failure = None
         self._cuda_streams = {}
@@ -375,6 +378,8 @@ class CompressionState:
                 raise RuntimeError(
                     f"gradcomp: bucket {index} of step {step} not reduced on rank {self.rank}: an "
                     f"earlier collective of this hook failed ({self._failure})") from self._failure
+            if not self._steps_agreed:
+                self._agree_on_step(step, buffer.device)
             if ready is not None:  # CUDA: run after the caller's stream produced the gradients
                 with torch.cuda.device(buffer.device):
                     stream = self._cuda_streams.get(buffer.device)
@@ -388,7 +393,9 @@ class CompressionState:
                 self._reduce_step(buffer, index, step, last, layout)
                 fut.set_result(buffer)
         except BaseException as exc:  # surface in backward instead of hanging DDP
-            if self._failure is None:
+            if self._failure is None and isinstance(exc, ValueError):  # a clear error already
+                self._failure = exc
+            elif self._failure is None:
                 self._failure = exc
                 exc = RuntimeError(
                     f"gradcomp: reducing bucket {index} ({buffer.numel()} elements) of step {step} "
@@ -398,6 +405,25 @@ class CompressionState:
                     "later bucket of this state fails at once.")
                 exc.__cause__ = self._failure
             fut.set_exception(exc)
+
+    def _agree_on_step(self, step: int, device: torch.device) -> None:
+        """Compare the hook step of every rank before the state's first collective.
+
+        Ranks at different steps (a resumed run where one rank's compression state was missing
+        and started afresh, a state restored on some ranks only) would issue different
+        collectives (a warm-up all-reduce against a two-phase exchange): a hang or garbage.
+        Raises ``ValueError`` on every rank instead. One 8-byte all-gather per bind or
+        ``load_state_dict``, not counted in ``stats()``.
+        """
+        mine = torch.tensor([step], dtype=torch.int64).view(torch.uint8).to(device)
+        got = as_transport(self._comm).all_gather(mine, [mine.numel()] * self.world_size).received
+        steps = [int(t.cpu().view(torch.int64)[0]) for t in got]
+        self._steps_agreed = True
+        if len(set(steps)) > 1:
+            raise ValueError(
+                f"gradcomp: ranks are at different hook steps {steps} (by rank) at their first "
+                "bucket; every rank must restore the same CompressionState step (a checkpoint with "
+                "one rank's compression state missing or from another run?), or all start afresh")
 
     def _timeout_text(self) -> str:
         t = self.timeout if self.timeout is not None else _group_timeout(self.process_group)
@@ -599,6 +625,7 @@ class CompressionState:
             raise ValueError(f"state_dict was saved with {sd['config']}, this state is {self._config()}")
         self.wait_idle()
         self.step = int(sd["step"])
+        self._steps_agreed = False
         self._fits.clear()
         self._plans.clear()
         for k, v in sd["fits"].items():

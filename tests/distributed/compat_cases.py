@@ -227,3 +227,23 @@ def nonfinite_feedback_case(rank: int, world: int) -> dict:
         }
         state.close()
     return out
+
+
+def mismatched_step_case(rank: int, world: int) -> dict:
+    """Rank 0 restores a state saved at step 5, the others start afresh at step 0 (a resume with
+    one rank's compression file missing): the first bucket must fail on every rank, clearly."""
+    from .harness import FakeBucket
+
+    state = gradcomp.CompressionState(C.FPCodec(6), warmup_steps=1, seed=1, timeout=30)
+    if rank == 0:
+        sd = state.state_dict()
+        sd["step"] = 5
+        state.load_state_dict(sd)
+    fut = state.submit(FakeBucket(torch.ones(1000)))
+    try:
+        fut.wait()
+        return {"error": None}
+    except Exception as exc:  # noqa: BLE001 - the test reads the message
+        return {"error": str(exc)}
+    finally:
+        state.close()

@@ -99,3 +99,9 @@ def test_error_feedback_keeps_residuals_across_a_nonfinite_step(world, tmp_path)
         for name, res in rr.items():
             assert res == {"result_nan": True, "kept": True, "finite": True,
                            "updated_later": True, "nonfinite_steps": 1}, (r, name, res)
+
+
+def test_ranks_at_different_hook_steps_fail_on_every_rank(tmp_path):
+    results = spawn(2, cc.mismatched_step_case, tmp_path, timeout=120)
+    for r, res in enumerate(results):
+        assert res["error"] and "different hook steps [5, 0]" in res["error"], (r, res)
