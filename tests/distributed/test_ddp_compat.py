@@ -54,7 +54,10 @@ def test_every_ddp_mode(world, codec, tmp_path):
                                     f"{rr[(mode, codec)]['stats']['nonfinite_steps']}")
     seconds = {m: round(results[0][(m, codec)]["seconds"], 2) for m in cc.MODES}
     assert not failures, "\n".join(failures) + f"\nseconds per cell: {seconds}"
-    print(f"\n{codec} @ {world}: seconds per cell {seconds}")
+    finals = ", ".join(f"{m} {_final(results[0][(m, None)]['losses']):.3f}/"
+                       f"{_final(results[0][(m, codec)]['losses']):.3f}" for m in cc.MODES)
+    print(f"\n{codec} @ {world} (final loss fp32/codec, from {results[0][(cc.MODES[0], None)]['losses'][0]:.3f}): "
+          f"{finals}; seconds per cell {seconds}")
 
 
 @pytest.mark.parametrize("how,hook_timeout,within", [("kill", 60.0, 10.0), ("stop", 4.0, 15.0)])
