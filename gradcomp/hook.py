@@ -370,7 +370,10 @@ class CompressionState:
         if self._worker is None:
             self._worker = _Worker("gradcomp-reduce")
         self._worker.submit(self._job, fut, buffer, index, step, last, layout, ready)
-        return fut
+        # DDP reads the future from C++: an exception stored by set_exception() would reach
+        # backward() as "Unable to cast <message> to Tensor"; raised inside then(), it arrives
+        # as a RuntimeError that quotes the original type and message.
+        return fut.then(_bucket_value)
 
     def _job(self, fut, buffer, index, step, last, layout, ready) -> None:
         try:
@@ -405,6 +408,15 @@ class CompressionState:
                     "later bucket of this state fails at once.")
                 exc.__cause__ = self._failure
             fut.set_exception(exc)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The first exception a bucket of this state failed with (its original type), or ``None``.
+
+        DDP re-raises a hook's error from ``backward()`` as a ``RuntimeError`` whose message
+        quotes the original type and message; this is the original object.
+        """
+        return self._failure
 
     def _agree_on_step(self, step: int, device: torch.device) -> None:
         """Compare the hook step of every rank before the state's first collective.
@@ -650,6 +662,10 @@ class CompressionState:
         """Block until every submitted bucket has been reduced (or has failed)."""
         if self._worker is not None:
             self._worker.drain()
+
+
+def _bucket_value(fut: torch.futures.Future) -> torch.Tensor:
+    return fut.value()  # re-raises the worker's exception inside then(): DDP reports it as an error
 
 
 def _fixed(codec: Codec):

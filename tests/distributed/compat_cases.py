@@ -247,3 +247,47 @@ def mismatched_step_case(rank: int, world: int) -> dict:
         return {"error": str(exc)}
     finally:
         state.close()
+
+
+def hook_error_case(rank: int, world: int) -> dict:
+    """How the hook's errors reach ``backward()`` under DDP.
+
+    1. A state built before ``init_process_group`` (and pickled and unpickled, as a launcher
+       may) with a different codec on each rank: it binds at its first bucket: the settings check raises
+       ``ValueError`` on every rank, before any mismatched collective.
+    2. Ranks at different hook steps: the worker's ``ValueError`` reaches ``backward()`` as a
+       ``RuntimeError`` quoting it, and ``state.failure`` is the original exception.
+    """
+    import os
+    import pickle
+
+    out = {}
+    dist.destroy_process_group()  # build the state before init_process_group, as documented
+    state = pickle.loads(pickle.dumps(gradcomp.CompressionState(C.FPCodec(6 - rank), timeout=30)))
+    store = os.path.join(os.environ["GRADCOMP_TEST_WORKDIR"], "store-again")
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    torch.manual_seed(0)
+    ddp = DDP(Net())
+    ddp.register_comm_hook(state, gradcomp.compression_hook)
+    x, y = batch(rank, 0)
+    try:
+        nn.functional.cross_entropy(ddp(x, True), y).backward()
+        out["settings"] = None
+    except Exception as exc:  # noqa: BLE001 - the test reads type and message
+        out["settings"] = (type(exc).__name__, str(exc))
+    state.close()
+
+    ddp = DDP(Net())
+    state = gradcomp.register(ddp, codec=C.FPCodec(6), timeout=30)
+    if rank == 0:
+        sd = state.state_dict()
+        sd["step"] = 3
+        state.load_state_dict(sd)
+    try:
+        nn.functional.cross_entropy(ddp(x, True), y).backward()
+        out["steps"] = None
+    except Exception as exc:  # noqa: BLE001
+        out["steps"] = (type(exc).__name__, str(exc))
+    out["failure"] = type(state.failure).__name__
+    state.close()
+    return out

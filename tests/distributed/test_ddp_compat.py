@@ -108,3 +108,15 @@ def test_ranks_at_different_hook_steps_fail_on_every_rank(tmp_path):
     results = spawn(2, cc.mismatched_step_case, tmp_path, timeout=120)
     for r, res in enumerate(results):
         assert res["error"] and "different hook steps [5, 0]" in res["error"], (r, res)
+
+
+def test_hook_errors_under_ddp_are_clear_and_do_not_abort(tmp_path):
+    # spawn() fails if a rank dies or aborts (e.g. "terminate called" at exit): none may.
+    results = spawn(2, cc.hook_error_case, tmp_path, timeout=120)
+    for r, res in enumerate(results):
+        kind, msg = res["settings"]
+        assert kind == "ValueError" and "different settings" in msg and "FPCodec" in msg, (r, res)
+        kind, msg = res["steps"]
+        assert kind == "RuntimeError" and "ValueError: gradcomp: ranks are at different hook steps [3, 0]" in msg, (r, res)
+        assert "Unable to cast" not in msg
+        assert res["failure"] == "ValueError"
