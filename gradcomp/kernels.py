@@ -9,6 +9,10 @@ threads):
 * ``sparse.cpp``: stochastic pruning fused with the compaction of the sparse codecs, and the
   Rice coding of positions (:mod:`gradcomp.codecs.sparse`).
 
+Input checks inside the kernels raise ``ValueError`` (``TORCH_CHECK_VALUE``); the Python
+callers check payload lengths and counts first, so a malformed payload raises the same
+``ValueError`` message whether the kernels are used or not.
+
 They are built with ``torch.utils.cpp_extension`` the first time they are needed (about a
 minute; announced on stderr, then cached in ``~/.cache/torch_extensions`` under a name that
 hashes the sources and this CPU's instruction-set flags, since ``-march=native`` code must not
@@ -142,11 +146,23 @@ def encode_pack_with_stats(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key
     return out, max_abs, bool(bad)
 
 
+def _check_packed(packed: torch.Tensor, bits: int, numel: int) -> None:
+    """``ValueError`` (the message of :func:`gradcomp.packing.unpack`) unless ``packed`` holds
+    exactly ``ceil(numel * bits / 8)`` bytes: checked before a kernel reads it."""
+    expected = (numel * bits + 7) // 8
+    if packed.numel() != expected:
+        raise ValueError(f"unpack: {numel} codes of {bits} bits need {expected} bytes, got {packed.numel()}")
+
+
 def unpack_decode(packed: torch.Tensor, table: torch.Tensor, bits: int, out: torch.Tensor) -> bool:
-    """Decode ``packed`` through the float32 ``table`` into contiguous float32 CPU ``out``."""
+    """Decode ``packed`` through the float32 ``table`` into contiguous float32 CPU ``out``.
+
+    ``packed`` must hold exactly the bytes of ``out.numel()`` codes (else ``ValueError``, the
+    eager :func:`gradcomp.packing.unpack`'s message)."""
     mod = _native_unless(packed.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32)
     if mod is None:
         return False
+    _check_packed(packed, bits, out.numel())
     mod.unpack_decode(packed.contiguous(), table.contiguous(), bits, out)
     return True
 
@@ -157,11 +173,17 @@ def decode_mean(packed: list[torch.Tensor], tables: list[torch.Tensor], bits: li
 
     Sums left to right and divides in float32, as the eager decode, ``add_`` and ``div_`` do,
     in one pass over ``out``; ``False`` (nothing written) when the native path does not apply.
+    Each ``packed[i]`` must hold exactly the bytes of ``out.numel()`` codes of ``bits[i]`` bits
+    (else ``ValueError``, as :func:`gradcomp.packing.unpack` raises eagerly).
     """
     mod = _native_unless(out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32
                          or any(p.device.type != "cpu" for p in packed))
     if mod is None:
         return False
+    if not len(packed) == len(tables) == len(bits) or not packed:
+        raise ValueError("decode_mean: one table and one width per payload, at least one payload")
+    for p, b in zip(packed, bits):
+        _check_packed(p, b, out.numel())
     mod.decode_mean([p.contiguous() for p in packed], [t.contiguous() for t in tables],
                     list(bits), float(divisor), out)
     return True

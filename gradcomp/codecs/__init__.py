@@ -30,6 +30,14 @@ def decode_payload(payload: torch.Tensor, numel: int, *, out: torch.Tensor | Non
 
     A payload whose header carries the non-finite flag decodes to all-NaN, so a non-finite
     value on any rank makes the reduced result non-finite on every rank.
+
+    Validation: a malformed payload -- not a 1-D uint8 tensor, shorter than the header, an
+    unknown tag or an impossible format in the header, shorter than the layout its header,
+    count fields and ``numel`` imply, impossible counts, or a corrupt position stream -- raises
+    ``ValueError``, with the same message whether the native kernels are used or not (the
+    lengths and counts are checked in Python before any kernel runs). Bytes beyond the layout
+    are ignored (a payload may be a prefix of a larger buffer); see each layout's size in
+    :mod:`gradcomp.codecs.dense` and :mod:`gradcomp.codecs.sparse`.
     """
     header = read_header(payload)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:

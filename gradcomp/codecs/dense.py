@@ -49,12 +49,30 @@ class HalfCodec(Codec):
         return HEADER_BYTES + 2 * numel
 
 
+def check_payload_size(payload: torch.Tensor, header: Header, numel: int, need: int) -> None:
+    """Raise ``ValueError`` when ``payload`` is shorter than the ``need`` bytes its header and
+    ``numel`` imply. Longer payloads are accepted: every decoder reads its layout from the front
+    and ignores trailing bytes (a payload may sit at the start of a larger buffer)."""
+    if payload.numel() < need:
+        raise ValueError(f"truncated {header.tag.name} payload: {numel} elements need {need} bytes, "
+                         f"got {payload.numel()}")
+
+
 def _decode_identity(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
-    out.copy_(payload[HEADER_BYTES:HEADER_BYTES + 4 * numel].view(torch.float32))
+    """IDENTITY: ``8 + 4 numel`` bytes (shorter: ``ValueError``; trailing bytes ignored)."""
+    check_payload_size(payload, header, numel, HEADER_BYTES + 4 * numel)
+    out.copy_(_aligned(payload[HEADER_BYTES:HEADER_BYTES + 4 * numel], 4).view(torch.float32))
 
 
 def _decode_half(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
-    out.copy_(payload[HEADER_BYTES:HEADER_BYTES + 2 * numel].view(torch.float16))
+    """HALF: ``8 + 2 numel`` bytes (shorter: ``ValueError``; trailing bytes ignored)."""
+    check_payload_size(payload, header, numel, HEADER_BYTES + 2 * numel)
+    out.copy_(_aligned(payload[HEADER_BYTES:HEADER_BYTES + 2 * numel], 2).view(torch.float16))
+
+
+def _aligned(seg: torch.Tensor, size: int) -> torch.Tensor:
+    """``seg`` itself, or a copy when its offset is not a multiple of ``size`` (for ``view``)."""
+    return seg.clone() if seg.storage_offset() % size else seg
 
 
 @dataclass(frozen=True)
@@ -270,8 +288,10 @@ class FPCodec(Codec):
 
 
 def _decode_fp(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    """FP: ``8 + ceil(numel bits / 8)`` bytes (shorter: ``ValueError``; trailing bytes ignored)."""
     if header.fmt is None:
         raise ValueError("FP payload without a value format in its header")
     nbytes = packed_size(numel, header.fmt.bits)
+    check_payload_size(payload, header, numel, HEADER_BYTES + nbytes)
     decode_fp_values(payload[HEADER_BYTES:HEADER_BYTES + nbytes], header.fmt, header.scale_exp,
                      numel, out)

@@ -46,7 +46,10 @@ which stays the reference and the fallback (``GRADCOMP_KERNELS=eager``, other de
 corrupt stream detected natively is decoded again eagerly, so the error messages are the same.
 
 The header's format/scale fields describe the FP codes (PRUNE_FP) or are zero. Payloads are
-decodable by :func:`gradcomp.codecs.decode_payload`; trailing bytes beyond the layout are ignored.
+decodable by :func:`gradcomp.codecs.decode_payload`. Every decoder (eager or native) first checks
+the counts and the payload's length against the layout: a payload shorter than its fields imply,
+or with impossible counts, raises ``ValueError`` (the same message in every kernel mode); trailing
+bytes beyond the layout are ignored (a payload may sit at the start of a larger buffer).
 A non-finite input sets the header flag and the shard decodes to all-NaN (the lognormal fit
 ignores non-finite entries).
 """
@@ -66,8 +69,8 @@ from ..packing import pack_unchecked, packed_size, unpack
 from ..pruning import stochastic_prune
 from ..rng import derive_key
 from .base import HEADER_BYTES, Codec, CodecTag, Header, check_shard, fit_or_none, make_header
-from .dense import (FPPlan, _check_bits, decode_fp_values, encode_fp_values, fp_plan,
-                    min_scale_exp)
+from .dense import (FPPlan, _check_bits, check_payload_size, decode_fp_values, encode_fp_values,
+                    fp_plan, min_scale_exp)
 
 # Rice parameters are packed as k-bit remainders, and the packer takes 1..16 bits. A capped k
 # only matters below about one nonzero in 2**16 elements, where the unary part then grows by
@@ -271,8 +274,9 @@ class _Reader:
         return seg
 
 
-def _fixed_fields(payload: torch.Tensor, fmt: struct.Struct) -> tuple:
-    seg = _Reader(payload, HEADER_BYTES).take(fmt.size)
+def _fixed_fields(payload: torch.Tensor, header: Header, numel: int, fmt: struct.Struct) -> tuple:
+    check_payload_size(payload, header, numel, HEADER_BYTES + fmt.size)
+    seg = payload[HEADER_BYTES:HEADER_BYTES + fmt.size]
     return fmt.unpack(bytes(seg.tolist()))
 
 
@@ -688,20 +692,45 @@ class PruneFPCodec(_PruneBase):
                             self.exp_bits if bits == self.bits else None, self.rounding)
 
 
-def _prune_fields(payload: torch.Tensor, header: Header, numel: int):
+def _check_counts(n: int, unary_bits: int, k: int, numel: int, extra: str = "") -> None:
+    """Counts a Rice stream can have: ``0 <= n <= numel``, ``n <= U <= numel`` (``U = n + sum(gap
+    >> k)`` and the gaps sum to at most ``numel - n``), ``U = 0`` when ``n = 0``, ``k`` in 0..16."""
+    if not (0 <= n <= unary_bits <= numel and 0 <= k <= MAX_RICE_K and (n > 0 or unary_bits == 0)):
+        raise ValueError(f"corrupt sparse payload: n={n}{extra}, k={k}, unary bits {unary_bits} "
+                         f"for numel={numel}")
+
+
+def _prune_fields(payload: torch.Tensor, header: Header, numel: int, with_values: bool = True):
     """Parse a PRUNE / PRUNE_FP payload: ``(alpha, n, n_kept, unary bits, k, values, flag bytes,
     sign bytes, remainder bytes, unary bytes)``; ``values`` decoded to float32 (``None`` when
-    ``n == 0``: the streams are then empty)."""
-    alpha, n, n_kept, unary_bits, k = _fixed_fields(payload, _PRUNE_FIXED)
-    if not (0 <= n_kept <= n <= numel and 0 <= k <= MAX_RICE_K and unary_bits >= n):
-        raise ValueError(f"corrupt sparse payload: n={n}, n_kept={n_kept}, k={k}, unary bits "
-                         f"{unary_bits} for numel={numel}")
-    if n == 0:
-        return alpha, n, n_kept, unary_bits, k, None, None, None, None, None
-    rd = _Reader(payload, HEADER_BYTES + PRUNE_FIXED_BYTES)
+    ``n == 0``: the streams are then empty; also ``None`` with ``with_values=False``, which only
+    validates).
+
+    Validation (the same in every kernel mode, before any kernel runs): the counts
+    (:func:`_check_counts`, ``n_kept <= n``), ``alpha`` (positive; ``inf`` only with ``n = 0``),
+    the header's value format (PRUNE_FP), and the
+    length: ``8 + 17 + values + ceil(n/8) + ceil((n - n_kept)/8) + ceil(n k/8) + ceil(U/8)``
+    bytes; a shorter payload raises ``ValueError``, trailing bytes are ignored.
+    """
+    alpha, n, n_kept, unary_bits, k = _fixed_fields(payload, header, numel, _PRUNE_FIXED)
+    if not 0 <= n_kept <= n:
+        raise ValueError(f"corrupt sparse payload: n={n}, n_kept={n_kept} for numel={numel}")
+    if not (alpha > 0 and (n == 0 or math.isfinite(alpha))):  # NaN fails too; inf: n = 0 only
+        raise ValueError(f"corrupt sparse payload: threshold alpha={alpha!r} with n={n}")
+    _check_counts(n, unary_bits, k, numel, f", n_kept={n_kept}")
     if header.tag == CodecTag.PRUNE_FP:
         if header.fmt is None:
             raise ValueError("PRUNE_FP payload without a value format in its header")
+        value_bytes = packed_size(n_kept, header.fmt.bits)
+    else:
+        value_bytes = 4 * n_kept
+    need = (HEADER_BYTES + PRUNE_FIXED_BYTES + value_bytes + packed_size(n, 1) + packed_size(n - n_kept, 1)
+            + (packed_size(n, k) if k else 0) + packed_size(unary_bits, 1))
+    check_payload_size(payload, header, numel, need)
+    if n == 0 or not with_values:
+        return alpha, n, n_kept, unary_bits, k, None, None, None, None, None
+    rd = _Reader(payload, HEADER_BYTES + PRUNE_FIXED_BYTES)
+    if header.tag == CodecTag.PRUNE_FP:
         values = torch.empty(n_kept, dtype=torch.float32, device=payload.device)
         decode_fp_values(rd.take(packed_size(n_kept, header.fmt.bits)), header.fmt,
                          header.scale_exp, n_kept, values)
@@ -715,10 +744,12 @@ def _prune_fields(payload: torch.Tensor, header: Header, numel: int):
 
 
 def _decode_prune(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    """PRUNE / PRUNE_FP: validated by :func:`_prune_fields` (also when flagged non-finite);
+    malformed payloads raise ``ValueError``, trailing bytes are ignored."""
+    alpha, n, n_kept, unary_bits, k, values, flag_bytes, sign_bytes, rem, unary = \
+        _prune_fields(payload, header, numel, with_values=not header.nonfinite)
     if header.nonfinite:
         return  # decode_payload fills the shard with NaN
-    alpha, n, n_kept, unary_bits, k, values, flag_bytes, sign_bytes, rem, unary = \
-        _prune_fields(payload, header, numel)
     if n == 0:
         out.zero_()
         return
@@ -863,11 +894,14 @@ class TopKCodec(Codec):
 
 
 def _decode_topk(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    """TOPK: ``8 + 9 + 4 n + ceil(n k/8) + ceil(U/8)`` bytes with valid counts (checked also when
+    flagged non-finite); malformed payloads raise ``ValueError``, trailing bytes are ignored."""
+    n, unary_bits, k = _fixed_fields(payload, header, numel, _TOPK_FIXED)
+    _check_counts(n, unary_bits, k, numel)
+    check_payload_size(payload, header, numel, HEADER_BYTES + TOPK_FIXED_BYTES + 4 * n
+                       + (packed_size(n, k) if k else 0) + packed_size(unary_bits, 1))
     if header.nonfinite:
         return
-    n, unary_bits, k = _fixed_fields(payload, _TOPK_FIXED)
-    if not (0 <= n <= numel and 0 <= k <= MAX_RICE_K and unary_bits >= n):
-        raise ValueError(f"corrupt TOPK payload: n={n}, k={k}, unary bits {unary_bits} for numel={numel}")
     out.zero_()
     if n == 0:
         return

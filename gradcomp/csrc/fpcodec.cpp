@@ -44,9 +44,9 @@ inline void encode_block(const uint32_t* __restrict s, uint32_t base, int64_t le
 torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, int64_t scale,
                           bool stochastic, int64_t k0, int64_t k1, bool true_binade, bool left_shift,
                           int64_t offset, std::optional<torch::Tensor> stats) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+  TORCH_CHECK_VALUE(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               "encode_pack: expected a contiguous float32 CPU tensor");
-  TORCH_CHECK(offset >= 0, "encode_pack: offset must be >= 0");
+  TORCH_CHECK_VALUE(offset >= 0, "encode_pack: offset must be >= 0");
   const int64_t n = x.numel();
   const int bits = static_cast<int>(1 + e + m);
   // `offset` bytes are left free in front of the codes (a payload header, written by the caller).
@@ -54,7 +54,7 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
   auto out = full.narrow(0, offset, (n * bits + 7) / 8);
   const bool want_stats = stats.has_value();
   if (want_stats)
-    TORCH_CHECK(stats->dtype() == torch::kInt64 && stats->numel() == 2 && stats->is_contiguous(),
+    TORCH_CHECK_VALUE(stats->dtype() == torch::kInt64 && stats->numel() == 2 && stats->is_contiguous(),
                 "encode_pack: stats must be a contiguous int64 tensor of 2");
   const Fmt f = make_fmt(e, m, bias, scale, stochastic, k0, k1, true_binade, left_shift);
   const uint32_t* src = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
@@ -178,18 +178,18 @@ inline void decode_range(const uint8_t* src, int64_t total_bytes, const float* t
 
 void check_packed(const torch::Tensor& packed, const torch::Tensor& table, int64_t bits, int64_t n,
                   const char* what) {
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.device().is_cpu(),
+  TORCH_CHECK_VALUE(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.device().is_cpu(),
               what, ": expected a contiguous uint8 CPU tensor");
-  TORCH_CHECK(bits >= 1 && bits <= 16, what, ": bits must be in 1..16");
-  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.is_contiguous() &&
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 16, what, ": bits must be in 1..16");
+  TORCH_CHECK_VALUE(table.dtype() == torch::kFloat32 && table.is_contiguous() &&
               table.numel() == (int64_t(1) << bits), what, ": table must hold 2**bits float32 values");
-  TORCH_CHECK(packed.numel() == (n * bits + 7) / 8, what, ": wrong packed size");
+  TORCH_CHECK_VALUE(packed.numel() == (n * bits + 7) / 8, what, ": wrong packed size");
 }
 
 }  // namespace
 
 void unpack_decode(torch::Tensor packed, torch::Tensor table, int64_t bits, torch::Tensor out) {
-  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous(), "unpack_decode: float32 out");
+  TORCH_CHECK_VALUE(out.dtype() == torch::kFloat32 && out.is_contiguous(), "unpack_decode: float32 out");
   const int64_t n = out.numel();
   check_packed(packed, table, bits, n, "unpack_decode");
   const uint8_t* src = packed.data_ptr<uint8_t>();
@@ -210,9 +210,9 @@ void unpack_decode(torch::Tensor packed, torch::Tensor table, int64_t bits, torc
 // payload and adding them up with torch, then dividing. One pass over `out`.
 void decode_mean(std::vector<torch::Tensor> packed, std::vector<torch::Tensor> tables,
                  std::vector<int64_t> bits, double divisor, torch::Tensor out) {
-  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.device().is_cpu(),
+  TORCH_CHECK_VALUE(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.device().is_cpu(),
               "decode_mean: contiguous float32 CPU out");
-  TORCH_CHECK(!packed.empty() && packed.size() == tables.size() && packed.size() == bits.size(),
+  TORCH_CHECK_VALUE(!packed.empty() && packed.size() == tables.size() && packed.size() == bits.size(),
               "decode_mean: one table and width per payload");
   const int64_t n = out.numel();
   const size_t np = packed.size();
@@ -247,7 +247,7 @@ void decode_mean(std::vector<torch::Tensor> packed, std::vector<torch::Tensor> t
 std::vector<torch::Tensor> encode_codes(torch::Tensor x, int64_t e, int64_t m, int64_t bias, int64_t scale,
                                         bool stochastic, int64_t k0, int64_t k1, bool true_binade,
                                         bool left_shift, bool wide) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+  TORCH_CHECK_VALUE(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               "encode_codes: expected a contiguous float32 CPU tensor");
   const int64_t n = x.numel();
   auto out = torch::empty(x.sizes(), x.options().dtype(wide ? torch::kInt32 : torch::kUInt8));
@@ -276,9 +276,9 @@ std::vector<torch::Tensor> encode_codes(torch::Tensor x, int64_t e, int64_t m, i
 // stream of gradcomp.packing. Returns (bytes, [all codes in range] as uint8); out-of-range
 // codes leave the bytes unspecified.
 std::vector<torch::Tensor> pack_codes(torch::Tensor codes, int64_t bits) {
-  TORCH_CHECK(codes.device().is_cpu() && (codes.dtype() == torch::kUInt8 || codes.dtype() == torch::kInt32),
+  TORCH_CHECK_VALUE(codes.device().is_cpu() && (codes.dtype() == torch::kUInt8 || codes.dtype() == torch::kInt32),
               "pack_codes: uint8 or int32 CPU codes");
-  TORCH_CHECK(bits >= 1 && bits <= 16, "pack_codes: bits must be in 1..16");
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 16, "pack_codes: bits must be in 1..16");
   auto c = codes.contiguous().reshape({-1});
   const int64_t n = c.numel();
   auto out = torch::empty({(n * bits + 7) / 8}, c.options().dtype(torch::kUInt8));
@@ -308,8 +308,8 @@ std::vector<torch::Tensor> pack_codes(torch::Tensor codes, int64_t bits) {
 
 // Unpack `numel` codes of `bits` bits (uint8 for bits <= 8, int32 otherwise).
 torch::Tensor unpack_codes(torch::Tensor packed, int64_t bits, int64_t numel) {
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.device().is_cpu(), "unpack_codes: uint8 CPU bytes");
-  TORCH_CHECK(bits >= 1 && bits <= 16 && packed.numel() == (numel * bits + 7) / 8,
+  TORCH_CHECK_VALUE(packed.dtype() == torch::kUInt8 && packed.device().is_cpu(), "unpack_codes: uint8 CPU bytes");
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 16 && packed.numel() == (numel * bits + 7) / 8,
               "unpack_codes: wrong packed size");
   auto p = packed.contiguous();
   const bool wide = bits > 8;
@@ -332,10 +332,10 @@ torch::Tensor unpack_codes(torch::Tensor packed, int64_t bits, int64_t numel) {
 // Values of integer codes through `table` (gradcomp.quant.decode); false (nothing usable
 // written) if a code is outside the table.
 bool decode_codes(torch::Tensor codes, torch::Tensor table, torch::Tensor out) {
-  TORCH_CHECK(codes.device().is_cpu() && (codes.dtype() == torch::kUInt8 || codes.dtype() == torch::kInt32),
+  TORCH_CHECK_VALUE(codes.device().is_cpu() && (codes.dtype() == torch::kUInt8 || codes.dtype() == torch::kInt32),
               "decode_codes: uint8 or int32 CPU codes");
-  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.is_contiguous(), "decode_codes: float32 table");
-  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == codes.numel(),
+  TORCH_CHECK_VALUE(table.dtype() == torch::kFloat32 && table.is_contiguous(), "decode_codes: float32 table");
+  TORCH_CHECK_VALUE(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == codes.numel(),
               "decode_codes: float32 out of the codes' size");
   auto c = codes.contiguous();
   const int64_t n = c.numel();

@@ -89,10 +89,10 @@ inline uint64_t classify_block(const uint32_t* src, int64_t b, int64_t len, floa
 // hash and two compares, vectorized), the second classifies again and writes every survivor
 // straight to its final place -- no scratch the size of the input, no second copy.
 std::vector<torch::Tensor> prune_select(torch::Tensor x, double alpha_d, int64_t k0_, int64_t k1_) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+  TORCH_CHECK_VALUE(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               "prune_select: expected a contiguous float32 CPU tensor");
   const int64_t n = x.numel();
-  TORCH_CHECK(n < (int64_t(1) << 31), "prune_select: at most 2**31 - 1 elements");
+  TORCH_CHECK_VALUE(n < (int64_t(1) << 31), "prune_select: at most 2**31 - 1 elements");
   const float a = static_cast<float>(alpha_d);
   const uint32_t k0 = static_cast<uint32_t>(k0_), k1 = static_cast<uint32_t>(k1_);
   const uint32_t* src = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
@@ -233,7 +233,7 @@ std::vector<torch::Tensor> rice_encode_impl(const T* p, int64_t n, const std::ve
   if (n == 0) return {torch::empty({0}, u8), torch::empty({0}, u8), info};
   int64_t prev = -1;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(static_cast<int64_t>(p[i]) > prev, "rice_encode: positions must be strictly increasing and >= 0");
+    TORCH_CHECK_VALUE(static_cast<int64_t>(p[i]) > prev, "rice_encode: positions must be strictly increasing and >= 0");
     prev = static_cast<int64_t>(p[i]);
   }
   // gap_i = p_i - p_{i-1} - 1, recomputed in every loop (cheaper than storing it).
@@ -243,7 +243,7 @@ std::vector<torch::Tensor> rice_encode_impl(const T* p, int64_t n, const std::ve
   int64_t best_k = -1;
   uint64_t best_cost = 0;
   for (int64_t c : ks) {
-    TORCH_CHECK(c >= 0 && c <= 16, "rice_encode: parameters must be in 0..16");
+    TORCH_CHECK_VALUE(c >= 0 && c <= 16, "rice_encode: parameters must be in 0..16");
     uint64_t q = gap(0) >> c;
     for (int64_t i = 1; i < n; ++i)
       q += static_cast<uint64_t>(static_cast<int64_t>(p[i]) - static_cast<int64_t>(p[i - 1]) - 1) >> c;
@@ -282,8 +282,8 @@ std::vector<torch::Tensor> rice_encode_impl(const T* p, int64_t n, const std::ve
 // parameters `ks` (exact cost n (k + 1) + sum(gap >> k); ties to the smaller k). Returns
 // (packed remainders, packed unary stream, [unary bits, k] as int64).
 std::vector<torch::Tensor> rice_encode(torch::Tensor idx, std::vector<int64_t> ks) {
-  TORCH_CHECK(idx.device().is_cpu() && idx.dim() == 1, "rice_encode: 1-D CPU positions");
-  TORCH_CHECK(!ks.empty(), "rice_encode: no candidate parameters");
+  TORCH_CHECK_VALUE(idx.device().is_cpu() && idx.dim() == 1, "rice_encode: 1-D CPU positions");
+  TORCH_CHECK_VALUE(!ks.empty(), "rice_encode: no candidate parameters");
   auto c = idx.contiguous();
   if (c.dtype() == torch::kInt32) return rice_encode_impl(c.data_ptr<int32_t>(), c.numel(), ks, c.options());
   c = c.to(torch::kInt64);
@@ -349,12 +349,12 @@ struct RiceReader {
 // Positions (int64 [n]) of a Rice-coded stream; status tensor [code] (0 ok, 1 count, 2 range).
 std::vector<torch::Tensor> rice_decode(torch::Tensor rem, torch::Tensor unary, int64_t unary_bits,
                                        int64_t k, int64_t n, int64_t numel) {
-  TORCH_CHECK(rem.dtype() == torch::kUInt8 && unary.dtype() == torch::kUInt8, "rice_decode: uint8 streams");
+  TORCH_CHECK_VALUE(rem.dtype() == torch::kUInt8 && unary.dtype() == torch::kUInt8, "rice_decode: uint8 streams");
   const Padded u(unary), r(rem);
   auto pos = torch::empty({n}, unary.options().dtype(torch::kInt64));
   auto status = torch::zeros({1}, unary.options().dtype(torch::kInt64));
   int64_t* pp = pos.data_ptr<int64_t>();
-  TORCH_CHECK(unary_bits <= 8 * unary.numel() && (k == 0 || n * k <= 8 * rem.numel()),
+  TORCH_CHECK_VALUE(unary_bits <= 8 * unary.numel() && (k == 0 || n * k <= 8 * rem.numel()),
               "rice_decode: streams shorter than their lengths");
   RiceReader rd{u, unary_bits, r, static_cast<int>(k)};
   int64_t i = 0;
@@ -376,12 +376,12 @@ std::vector<torch::Tensor> rice_decode(torch::Tensor rem, torch::Tensor unary, i
 int64_t prune_scatter(torch::Tensor values, torch::Tensor flags, torch::Tensor signs, torch::Tensor rem,
                       torch::Tensor unary, int64_t unary_bits, int64_t k, int64_t n, double alpha_d,
                       torch::Tensor out, bool accumulate) {
-  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.device().is_cpu(),
+  TORCH_CHECK_VALUE(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.device().is_cpu(),
               "prune_scatter: contiguous float32 CPU out");
-  TORCH_CHECK(values.dtype() == torch::kFloat32, "prune_scatter: float32 values");
+  TORCH_CHECK_VALUE(values.dtype() == torch::kFloat32, "prune_scatter: float32 values");
   auto v = values.contiguous();
   const Padded u(unary), r(rem), f(flags), sg(signs);
-  TORCH_CHECK(unary_bits <= 8 * unary.numel() && (k == 0 || n * k <= 8 * rem.numel()) &&
+  TORCH_CHECK_VALUE(unary_bits <= 8 * unary.numel() && (k == 0 || n * k <= 8 * rem.numel()) &&
               8 * flags.numel() >= n, "prune_scatter: streams shorter than their lengths");
   const int64_t numel = out.numel();
   const int64_t n_kept = v.numel();
