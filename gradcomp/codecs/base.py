@@ -10,7 +10,8 @@ threshold derived from it) is a *plan*, computed by :meth:`Codec.plan` and cache
 Header (``HEADER_BYTES = 8``, little-endian), first in every payload::
 
     byte 0      codec tag (CodecTag)
-    byte 1      flags: bit 0 = the input held inf or NaN (decoders then return all-NaN)
+    byte 1      flags: bit 0 = the input held inf or NaN, or a value would decode beyond
+                float32's range (decoders then return all-NaN)
     byte 2      exponent bits of the value format (0 if none)
     byte 3      mantissa bits of the value format
     bytes 4-5   int16 power-of-two scale exponent k (values were multiplied by 2**-k)

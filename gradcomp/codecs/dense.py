@@ -207,6 +207,25 @@ def encode_fp_values(xs: torch.Tensor, plan: FPPlan, stochastic: bool, key: int)
     return pack_unchecked(codes, plan.fmt.bits)
 
 
+def decodes_past_float32(packed: torch.Tensor, fmt: FPFormat, scale_exp: int, numel: int) -> bool:
+    """Whether a code of ``packed`` (``numel`` codes of ``fmt``) decodes beyond float32's range.
+
+    The scaled grid's top binade is ``2**(fmt.max_exponent + scale_exp)``; below ``2**128`` every
+    code is finite (the usual case: no work). Otherwise (a shard whose largest value lies in
+    float32's top binade, above the format's largest mantissa there, needs a scale whose grid
+    reaches ``2**128``) the codes are unpacked and checked against the decode table: a value
+    that rounded up to such a grid point would decode to ``+-inf``. Encoders set the
+    non-finite flag then, so the shard decodes to NaN on every rank instead of to a silent
+    inf. The codes are the same natively and eagerly, so the flag is too.
+    """
+    if numel == 0 or fmt.max_exponent + scale_exp < 128:
+        return False
+    inf = torch.isinf(decode_table(fmt, packed.device, scale_exp))
+    if not bool(inf.any()):
+        return False
+    return bool(inf[unpack(packed, fmt.bits, numel).to(torch.int64)].any())
+
+
 def decode_fp_values(packed: torch.Tensor, fmt: FPFormat, scale_exp: int, numel: int,
                      out: torch.Tensor) -> None:
     """Write the values of ``numel`` packed ``fmt`` codes, times ``2**scale_exp``, into ``out``."""
@@ -227,7 +246,10 @@ class FPCodec(Codec):
     variance added to the gradient, ``"relative"`` the seed's mean relative error. The scale
     ``k`` never lets the shard's largest finite value saturate (:func:`cover_max`, checked on
     every encode): nothing finite is ever clipped. A non-finite input sets the header flag and the shard
-    decodes to NaN on every rank.
+    decodes to NaN on every rank; so does a value that would decode beyond float32's range
+    (possible only for inputs in float32's top binade, above ``(2 - 2**-man_bits) * 2**127``,
+    where the grid that covers them reaches ``2**128``: :func:`decodes_past_float32`), never
+    a silent inf.
 
     Wire: 8-byte header + ``ceil(numel * bits / 8)`` bytes.
 
@@ -269,13 +291,17 @@ class FPCodec(Codec):
             covered = cover_max(plan, xs, amax if not nonfinite else 0.0)
             if covered.scale_exp != plan.scale_exp:
                 payload[HEADER_BYTES:] = encode_fp_values(xs, covered, self.stochastic, key)
+            nonfinite = nonfinite or decodes_past_float32(payload[HEADER_BYTES:], covered.fmt,
+                                                          covered.scale_exp, xs.numel())
             payload[:HEADER_BYTES] = make_header(self.tag, xs, covered.fmt, covered.scale_exp,
                                                  nonfinite=nonfinite)
             return payload
         amax, nonfinite = abs_max_and_nonfinite(xs)
         plan = cover_max(plan, xs, amax if not nonfinite else 0.0)
+        values = encode_fp_values(xs, plan, self.stochastic, key)
+        nonfinite = nonfinite or decodes_past_float32(values, plan.fmt, plan.scale_exp, xs.numel())
         header = make_header(self.tag, xs, plan.fmt, plan.scale_exp, nonfinite=nonfinite)
-        return torch.cat([header, encode_fp_values(xs, plan, self.stochastic, key)])
+        return torch.cat([header, values])
 
     def wire_bytes(self, numel: int) -> int:
         return HEADER_BYTES + packed_size(numel, self.bits)

@@ -69,8 +69,8 @@ from ..packing import pack_unchecked, packed_size, unpack
 from ..pruning import stochastic_prune
 from ..rng import derive_key
 from .base import HEADER_BYTES, Codec, CodecTag, Header, check_shard, fit_or_none, make_header
-from .dense import (FPPlan, _check_bits, check_payload_size, decode_fp_values, encode_fp_values,
-                    fp_plan, min_scale_exp)
+from .dense import (FPPlan, _check_bits, check_payload_size, decode_fp_values,
+                    decodes_past_float32, encode_fp_values, fp_plan, min_scale_exp)
 
 # Rice parameters are packed as k-bit remainders, and the packer takes 1..16 bits. A capped k
 # only matters below about one nonzero in 2**16 elements, where the unary part then grows by
@@ -536,8 +536,11 @@ class _PruneBase(Codec):
             if n_kept and not nonfinite and math.isfinite(top) \
                     and min_scale_exp(top, fplan.fmt) > fplan.scale_exp:
                 fplan = FPPlan(fplan.fmt, min_scale_exp(top, fplan.fmt), fplan.expected_error)
-            header = make_header(self.tag, xs, fplan.fmt, fplan.scale_exp, nonfinite=nonfinite)
             value_bytes = encode_fp_values(kept_vals, fplan, self.stochastic, derive_key(key, 2))
+            # A kept value that would decode beyond float32's range flags the shard (as inf would).
+            if not nonfinite and decodes_past_float32(value_bytes, fplan.fmt, fplan.scale_exp, n_kept):
+                nonfinite = True
+            header = make_header(self.tag, xs, fplan.fmt, fplan.scale_exp, nonfinite=nonfinite)
         rem, unary, unary_bits, k = _rice_encode(idx, xs.numel())
         fixed = _bytes_of(_PRUNE_FIXED.pack(alpha, n, n_kept, unary_bits, k), xs.device)
         return torch.cat([header, fixed, value_bytes, flags, signs, rem, unary])
