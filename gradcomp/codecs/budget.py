@@ -64,7 +64,7 @@ from .base import HEADER_BYTES, Codec, check_shard, fit_or_none
 from .dense import FPCodec, FPPlan, IdentityCodec, min_scale_exp
 from .sparse import PruneCodec, PruneFPCodec, PrunePlan, prune_fp_wire_bits
 
-__all__ = ["BudgetCodec", "BudgetPlan", "pruning_nmse", "fp_nmse", "prune_fp_nmse"]
+__all__ = ["BudgetCodec", "BudgetPlan", "MIN_BUDGET_BITS", "pruning_nmse", "fp_nmse", "prune_fp_nmse"]
 
 _LN2 = math.log(2.0)
 _SQRT2 = math.sqrt(2.0)
@@ -722,6 +722,13 @@ def _shard_max(fit) -> float:
     return min(max(amax, math.exp(_F32_MIN_NORMAL_LOG)), float(np.finfo(np.float32).max))
 
 
+_MAX_NUMEL = 2**31 - 1  # payload counts are int32
+# The smallest budget any shard can meet: the cheapest candidate of the search (pruning to the
+# grid's top sparsity, every survivor a +-alpha entry) on the largest shard, where the 25 fixed
+# bytes weigh least (see BudgetCodec's "Floor").
+MIN_BUDGET_BITS = _prune_bits(_MAX_NUMEL, 1.0 - _GRID_SPARSITY[1], 0.0, 2)
+
+
 @dataclass(frozen=True)
 class BudgetPlan:
     """What :class:`BudgetCodec` chose for one shard, and the plan its payload is encoded with.
@@ -803,12 +810,17 @@ class BudgetCodec(Codec):
 
     Budget: in expectation under the fit; the binomial scatter of the counts (``O(b /
     sqrt(n))`` bits per element) and any departure of the data from a lognormal come on top.
-    Floor: PRUNE payloads get arbitrarily cheap as ``alpha`` grows (Rice-coded positions),
-    down to their 25 fixed bytes (8 header + 17 PRUNE fields), so the true floor is
-    ``min(200 / n, 2 + 64 / n)`` bits per element (the second: dense 2-bit FP) and every
-    positive budget is accepted. A shard too small for it gets the cheapest candidate (dense
-    2-bit FP or pruning at the grid's top sparsity with 2-bit values) and ``within_budget=False``
-    in its plan.
+    Floor: the cheapest candidate the search has is pruning to a nonzero fraction of ``1e-6``
+    (the top of its sparsity grid) with 2-bit values, whose payload costs its 25 fixed bytes (8
+    header + 17 PRUNE fields) plus about ``1e-6 * 34`` bits per element (sign, kept flag and
+    Rice-coded position of each survivor). A shard of ``n`` elements therefore needs at least
+    ``min(200 / n + 3.4e-5, 2 + 64 / n)`` bits per element (the second: dense 2-bit FP), and
+    the smallest budget any shard can meet is that of the largest shard a payload can carry
+    (``n = 2**31 - 1``, int32 counts): :data:`MIN_BUDGET_BITS` = 3.39e-5 bits per element.
+    A smaller budget cannot be met by any shard, so the constructor rejects it
+    (``ValueError``). Above it, a shard too small for the budget gets the cheapest candidate
+    (dense 2-bit FP or pruning at the grid's top sparsity with 2-bit values: its error can
+    be far above 1) and ``within_budget=False`` in its plan.
 
     Wire: FP, PRUNE_FP, PRUNE or IDENTITY payloads (the header's tag says which), decoded by
     :func:`gradcomp.codecs.decode_payload`; :meth:`wire_bytes` is ``None`` (data-dependent).
@@ -818,7 +830,8 @@ class BudgetCodec(Codec):
     the codec itself (the mean is refitted and planned against the same budget).
 
     Args:
-        bits_per_element: the budget, a finite number > 0 (bits per element, headers included).
+        bits_per_element: the budget, a finite number ``>= MIN_BUDGET_BITS`` (about 3.39e-5;
+            bits per element, headers included).
         rounding: ``"stochastic"`` or ``"nearest"``.
 
     Example:
@@ -834,9 +847,10 @@ class BudgetCodec(Codec):
     def __init__(self, bits_per_element: float = 2.0, rounding: str = "stochastic"):
         if isinstance(bits_per_element, (bool, np.bool_)) or not isinstance(
                 bits_per_element, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(bits_per_element) or not bits_per_element > 0:
-            raise ValueError("BudgetCodec: bits_per_element must be a finite number > 0 (payload bits per "
-                             f"element, headers included), got {bits_per_element!r}")
+                or not math.isfinite(bits_per_element) or not bits_per_element >= MIN_BUDGET_BITS:
+            raise ValueError(f"BudgetCodec: bits_per_element must be a finite number >= {MIN_BUDGET_BITS:.4g} "
+                             "(payload bits per element, headers included; below it no shard of at most "
+                             f"2**31 - 1 elements can meet the budget), got {bits_per_element!r}")
         if rounding not in _ROUNDING:
             raise ValueError(f"BudgetCodec: rounding must be one of {_ROUNDING}, got {rounding!r}")
         self.bits_per_element = float(bits_per_element)

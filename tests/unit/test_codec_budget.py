@@ -322,6 +322,29 @@ def test_invalid_budget(bad):
         BudgetCodec(bad)
 
 
+@pytest.mark.parametrize("too_small", [1e-9, 1e-6, 3.3e-5])
+def test_budget_below_the_floor_is_rejected(too_small):
+    """Below MIN_BUDGET_BITS no shard (at most 2**31 - 1 elements) can meet the budget."""
+    from gradcomp.codecs.budget import MIN_BUDGET_BITS
+
+    assert 3.38e-5 < MIN_BUDGET_BITS < 3.40e-5
+    with pytest.raises(ValueError, match="bits_per_element must be a finite number >= 3.386e-05"):
+        BudgetCodec(too_small)
+
+
+def test_the_floor_is_attainable():
+    """At the floor the largest shard is planned within budget (the rule is not too strict)."""
+    from gradcomp.codecs.budget import MIN_BUDGET_BITS
+
+    fit = ShardFit(-7.0, 2.0, 2**31 - 1, 0.1)
+    plan = BudgetCodec(MIN_BUDGET_BITS * 1.001).plan(fit, 2**31 - 1)
+    assert plan.within_budget and plan.expected_bits <= MIN_BUDGET_BITS * 1.001
+    # At the floor itself only alpha's rounding up to float32 stands between (1e-4 relative).
+    plan = BudgetCodec(MIN_BUDGET_BITS).plan(fit, 2**31 - 1)
+    assert plan.expected_bits <= MIN_BUDGET_BITS * (1 + 1e-4)
+    assert BudgetCodec(1e-4).bits_per_element == 1e-4
+
+
 def test_invalid_rounding_plan_and_numel():
     with pytest.raises(ValueError, match="rounding"):
         BudgetCodec(2.0, "up")
