@@ -11,11 +11,32 @@ optimizer and every rank's compression state) go through Ray Train checkpoints;
 ``--max-failures`` restarts the worker group from the last one, and the results record the
 restart (``restarts``, ``resumed_from_step``).
 
-Security: an embedded Ray binds its dashboard to 127.0.0.1 unless ``--dashboard-host`` says
-otherwise (``--no-dashboard`` turns it off); Ray's token authentication settings from the environment
-(``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``...) are passed through untouched; checkpoints load with
-``weights_only=True``; the embedded Ray's processes and its temporary directory are removed at
-exit.
+Arguments are checked before Ray starts: the launcher builds the same :class:`TrainConfig`, codec,
+data set and model the workers would, checks that ``--output`` can be written and that one batch
+per worker fits, and parses ``--address``; anything wrong exits 2 with one line of usage error.
+An ``--address`` where nothing answers fails within ``--startup-timeout`` (a socket probe of the
+GCS port first, then a bound on ``ray.init``), and a worker group the cluster cannot place fails
+after ``(1 + --max-failures) x --startup-timeout`` (Ray Train would otherwise retry forever);
+both exit 1 with what to check. ``--placement STRICT_SPREAD`` with more than one worker is
+refused up front on the embedded (single-node) Ray.
+
+Security: an embedded Ray runs with node IP 127.0.0.1, so everything it listens on (GCS, raylet,
+workers' gRPC servers, dashboard agent, metrics endpoints, runtime-env agent) binds loopback only;
+the dashboard binds 127.0.0.1 unless ``--dashboard-host`` says otherwise (``--no-dashboard`` turns it
+off); torch's rendezvous store listens on 127.0.0.1 and gloo uses the loopback interface. With
+``--address`` the cluster's own settings apply. Ray's token authentication settings from the
+environment (``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``...) are passed through untouched; checkpoints
+load with ``weights_only=True``; the embedded Ray's processes and its temporary directory are
+removed at exit.
+
+Interrupts: Ctrl-C (SIGINT) at any point exits 130 with a message after shutting Ray down; the
+embedded Ray's processes start with SIGINT blocked, so a terminal's Ctrl-C reaches only the
+launcher, which stops them in order (none is left behind and nothing recreates the temporary
+directory). A later ``--resume`` continues from ``OUTPUT/checkpoints/latest``; Ray run state
+that names checkpoints an interrupted run never finished writing is set aside. After SIGKILL of
+the launcher, its GCS and raylet die with it (Ray starts them with a parent-death signal) and the
+other Ray processes exit when they notice; the temporary directory (``$TMPDIR/gcray-PID-*``)
+stays until the next launch, which removes those of dead launchers.
 
 Example:
     gradcomp-launch --workers 2 --codec prune-fp --act-bits 2 --dataset mnist1d --epochs 4
@@ -24,21 +45,29 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from .train import CODECS, TRANSPORTS, TrainConfig
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 RESULT_KEY = "gradcomp_result_json"
+TEMP_PREFIX = "gcray-"  # embedded Ray's temp root: $TMPDIR/gcray-<launcher pid>-<random> (short: socket paths)
+RAY_CLIENT_PORT = 10001  # ray://host without a port
 
 
 class TrainingFailed(RuntimeError):
@@ -71,6 +100,16 @@ def _finite_float(text: str) -> float:
     return v
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = None
+    if v is None or not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``gradcomp-launch`` argument parser."""
     from . import data, models
@@ -88,7 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus-per-worker", type=_nonneg_int, default=0, help="0: CPU and gloo; >= 1: CUDA and NCCL")
     g.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), default="PACK",
                    help="Ray placement strategy of the workers (STRICT_SPREAD: one per node)")
-    g.add_argument("--max-failures", type=_nonneg_int, default=2, help="worker-group restarts from the last checkpoint")
+    g.add_argument("--max-failures", type=_nonneg_int, default=2,
+                   help="worker-group restarts from the last checkpoint (also: attempts to place the group)")
+    g.add_argument("--timeout", type=_positive_seconds, default=300.0,
+                   help="seconds a rank waits for its peers before failing (process group rendezvous and "
+                        "collectives, the gradcomp hook's own group)")
+    g.add_argument("--startup-timeout", type=_positive_seconds, default=60.0,
+                   help="seconds to connect to --address, and per attempt to place the worker group "
+                        "(1 + --max-failures attempts)")
     g.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="embedded Ray only: no dashboard (Ray Train then cannot query its state API)")
     g.add_argument("--dashboard-host", default="127.0.0.1",
@@ -150,7 +196,177 @@ def config_from_args(args: argparse.Namespace, output: Path) -> TrainConfig:
         batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
         checkpoint_dir=str(output / "checkpoints"), checkpoint_every=args.checkpoint_every,
         resume=args.resume, metrics_path=str(output / "metrics.jsonl"), progress=not args.quiet,
-        device="cuda" if args.gpus_per_worker else "cpu")
+        device="cuda" if args.gpus_per_worker else "cpu", **_timeout_field(args))
+
+
+def _timeout_field(args) -> dict:
+    # TrainConfig.timeout bounds the process group and the hook's own group (seconds).
+    if "timeout" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return {"timeout": float(args.timeout)}
+    return {}
+
+
+class UsageError(ValueError):
+    """An argument (or combination) the job cannot run with: exit 2 before Ray starts."""
+
+
+def _flag_names(message: str) -> str:
+    # "TrainConfig.exp_bits must ..." -> "--exp-bits must ..."
+    return re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def preflight(args: argparse.Namespace, output: Path) -> TrainConfig:
+    """Build what every worker would build (config, codec, data set, model) and check the run fits.
+
+    Raises :class:`UsageError` with a one-line message for anything that would otherwise fail
+    only after Ray started (and after ``--max-failures`` restarts): codec settings
+    (``--exp-bits`` >= ``--bits``, ``--sparsity 0``...), a data set or model that does not fit
+    the options, fewer samples than one batch per worker, an ``--output`` that cannot be
+    written, a placement the embedded (single-node) Ray cannot satisfy.
+    """
+    from . import data
+    from .train import build_codec, build_model
+
+    try:
+        config = config_from_args(args, output)
+    except ValueError as e:
+        raise UsageError(_flag_names(str(e))) from None
+    try:
+        codec = build_codec(config)
+        if codec is not None and config.transport == "ddp":
+            from .hook import choose_collective
+
+            choose_collective(config.collective, codec, max(args.workers, 2))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--codec {config.codec} with these options: {e}") from None
+    try:
+        bundle = data.load_dataset(config.dataset, seed=config.seed, num_train=config.num_train)
+        build_model(config, bundle)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--dataset {config.dataset} / --model {config.model}: {e}") from None
+    per_rank = len(bundle.train) // args.workers
+    if per_rank // config.batch_size < 1:
+        raise UsageError(
+            f"--batch-size {config.batch_size} x --workers {args.workers} needs at least "
+            f"{config.batch_size * args.workers} training samples, and {config.dataset} has {len(bundle.train)}"
+            f"{' (--num-train)' if config.num_train is not None else ''}: no full batch per worker")
+    problem = _output_problem(output)
+    if problem:
+        raise UsageError(problem)
+    if args.address is None and args.placement == "STRICT_SPREAD" and args.workers > 1:
+        raise UsageError(
+            f"--placement STRICT_SPREAD puts each worker on its own node, and the embedded Ray is one "
+            f"node: {args.workers} workers can never be placed (use PACK or SPREAD, or --address a "
+            f"cluster with >= {args.workers} nodes)")
+    return config
+
+
+def _output_problem(output: Path) -> str | None:
+    """Why ``output`` cannot hold the run (``None``: it can); creates nothing that stays."""
+    existing = output
+    while not os.path.lexists(existing):
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == output:
+            return f"--output {output} exists and is not a directory"
+        return f"--output {output} is under {existing}, which is a file, not a directory"
+    try:  # os.access would say yes to root on a read-only file system: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".gradcomp-probe-", dir=existing))
+    except OSError as e:
+        return f"--output {output}: cannot create anything in {existing} ({e.strerror or e})"
+    return None
+
+
+# ------------------------------------------------------------------------- cluster address
+def parse_address(text: str) -> tuple[str, str | None, int | None]:
+    """Split ``--address`` into (kind, host, port); kind is ``auto``, ``gcs`` or ``client`` (ray://).
+
+    Raises :class:`UsageError` for anything that is none of ``auto``, ``HOST:PORT`` and
+    ``ray://HOST[:PORT]``.
+    """
+    t = text.strip()
+    if not t:
+        raise UsageError("--address is empty")
+    if t == "auto":
+        return "auto", None, None
+    kind, rest = "gcs", t
+    if t.startswith("ray://"):
+        kind, rest = "client", t[len("ray://"):].rstrip("/")
+    elif "://" in t or "/" in t:
+        raise UsageError(f"--address {text!r}: expected HOST:PORT (the head's GCS address, e.g. 10.0.0.5:6379), "
+                         "'auto' or ray://HOST:PORT")
+    host, sep, port_text = rest.rpartition(":")
+    if not sep and kind == "client":
+        host, port_text = rest, str(RAY_CLIENT_PORT)
+    host = host.strip("[]")  # [::1]:6379
+    if not sep and kind == "gcs" or not host or any(c.isspace() for c in host):
+        raise UsageError(f"--address {text!r}: expected HOST:PORT (the head's GCS address, e.g. 10.0.0.5:6379), "
+                         "'auto' or ray://HOST:PORT")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise UsageError(f"--address {text!r}: the port must be a number in 1..65535, got {port_text!r}")
+    return kind, host, int(port_text)
+
+
+class ClusterUnreachable(RuntimeError):
+    """Nothing usable answers at ``--address`` (exit 1, before Ray is touched)."""
+
+
+def _resolve(host: str, port: int, timeout: float) -> list:
+    found: list = []
+    error: list = []
+
+    def work():
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            error.append(e)
+
+    t = threading.Thread(target=work, daemon=True, name="gradcomp-resolve")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise ClusterUnreachable(f"cannot resolve {host!r} within {timeout:g} s")
+    if error:
+        raise ClusterUnreachable(f"cannot resolve {host!r}: {error[0]}")
+    return found
+
+
+def probe_address(address: str, timeout: float) -> None:
+    """Fail fast (:class:`ClusterUnreachable`) if nothing accepts a TCP connection at ``address``.
+
+    ``ray.init`` would retry "Failed to connect to GCS" for minutes; a plain socket connect says
+    within ``timeout`` seconds whether anything listens there. ``auto`` is left to Ray.
+    """
+    kind, host, port = parse_address(address)
+    if kind == "auto":
+        return
+    what = "Ray client server" if kind == "client" else "Ray GCS"
+    default = f"{RAY_CLIENT_PORT} for ray://" if kind == "client" else "6379 unless `ray start --head --port` said otherwise"
+    hint = (f"check that the Ray head runs there (`ray status --address {host}:{port}` on the head), that "
+            f"{port} is its {what} port ({default}), and that no firewall drops the connection")
+    deadline = time.monotonic() + timeout
+    try:
+        infos = _resolve(host, port, timeout)
+    except ClusterUnreachable as e:
+        raise ClusterUnreachable(f"--address {address}: {e}; {hint}") from None
+    last = None
+    for family, kind_, proto, _, sockaddr in infos:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        with socket.socket(family, kind_, proto) as s:
+            s.settimeout(left)
+            try:
+                s.connect(sockaddr)
+                return
+            except socket.timeout:
+                last = f"no answer within {timeout:g} s"
+            except OSError as e:
+                last = "connection refused, nothing listens there" if e.errno == errno.ECONNREFUSED else str(e.strerror or e)
+    raise ClusterUnreachable(f"--address {address}: cannot reach the {what} at {host}:{port} "
+                             f"({last or f'no answer within {timeout:g} s'}); {hint}")
 
 
 # ------------------------------------------------------------------------- worker side
@@ -197,6 +413,20 @@ def _choose_resume(ray_dir: str | None, checkpoint_dir: str | None, rank: int, w
     return ray_dir
 
 
+def _scratch_dir(payload: dict) -> str | None:
+    """Where a worker puts its temporary directories: inside the embedded Ray's temp root (the
+    launcher deletes it however the run ends), else Ray's session directory on that node."""
+    scratch = payload.get("scratch_dir")
+    if scratch and os.path.isdir(scratch):
+        return scratch
+    try:
+        import ray
+
+        return ray._private.worker._global_node.get_session_dir_path()
+    except Exception:  # pragma: no cover - private API moved: the system temp dir
+        return None
+
+
 def _ray_worker(payload: dict) -> None:
     """Ray Train worker: resume from Ray's checkpoint if any, train, report to Ray."""
     import ray.train
@@ -208,10 +438,11 @@ def _ray_worker(payload: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     checkpoint = ray.train.get_checkpoint()
+    scratch = _scratch_dir(payload)
     tmp = None
     ray_dir = None
     if checkpoint is not None:
-        tmp = tempfile.mkdtemp(prefix="gradcomp-restore-")
+        tmp = tempfile.mkdtemp(prefix="gradcomp-restore-", dir=scratch)
         ray_dir = checkpoint.to_directory(tmp)
         if not (Path(ray_dir) / "model.pt").is_file():
             ray_dir = None  # the final "result" report of a finished run (--resume): not a training state
@@ -245,7 +476,7 @@ def _ray_worker(payload: dict) -> None:
     result["worker_nodes"] = nodes
     # The driver reads the metrics of the last checkpoint (Result.metrics): rank 0 reports the
     # result with a small checkpoint of its own, so no shared file system is needed for it.
-    final = Path(tempfile.mkdtemp(prefix="gradcomp-result-"))
+    final = Path(tempfile.mkdtemp(prefix="gradcomp-result-", dir=scratch))
     try:
         (final / "result.json").write_text(json.dumps(result, indent=2))
         ray.train.report({RESULT_KEY: json.dumps(result)},
@@ -262,30 +493,273 @@ def _horovod_worker(payload: dict) -> dict:
 
 
 # ------------------------------------------------------------------------- driver side
+class _sigint_blocked:
+    """Block SIGINT in this thread, and in every process and thread started meanwhile.
+
+    The signal mask is inherited through fork and exec: the embedded Ray's GCS, raylet and
+    agents (and the workers the raylet starts) never see a terminal's Ctrl-C, which goes to the
+    whole foreground process group. Only the launcher gets it, and stops them in order. A
+    Ctrl-C while blocked is delivered when the block ends (``ray.init`` returned: Ray's node is
+    registered, so ``ray.shutdown`` stops all of it).
+    """
+
+    def __enter__(self):
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return self
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False
+
+
+class _set_env:
+    """Set environment variables for a ``with`` block (children started meanwhile keep them)."""
+
+    def __init__(self, **env: str):
+        self.env = env
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return False
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:  # pragma: no cover
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def _embedded_env() -> dict:
+    """What the embedded Ray's processes (and so the workers) get: gloo and NCCL on loopback."""
+    lo = _loopback_interface()
+    if lo is None:
+        return {}
+    return {k: lo for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k not in os.environ}
+
+
+def _connect(ray, address: str, timeout: float) -> None:
+    """``ray.init(address=...)`` bounded by ``timeout`` seconds.
+
+    Something listens there (:func:`probe_address` said so), but if it is not a Ray GCS (or it
+    does not answer), ``ray.init`` retries for minutes and cannot be interrupted from Python.
+    Nothing of ours runs yet in connect mode, so past the bound the launcher says so and exits.
+    """
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(timeout):
+            sys.stderr.write(
+                f"gradcomp-launch: --address {address}: something accepts connections there but Ray did "
+                f"not finish connecting within --startup-timeout {timeout:g} s; check that it is the head's "
+                "GCS port (6379 unless `ray start --head --port` said otherwise), that the cluster runs "
+                f"Ray {ray.__version__}, and `ray status --address {address}` on the head\n")
+            sys.stderr.flush()
+            os._exit(EXIT_FAILED)
+
+    threading.Thread(target=watchdog, daemon=True, name="gradcomp-connect-watchdog").start()
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as e:
+        raise ClusterUnreachable(f"--address {address}: {e}") from None
+    finally:
+        done.set()
+
+
 def _start_ray(args, temp_root: str | None):
     import ray
 
     if args.address:
-        ray.init(address=args.address, log_to_driver=True)
-    else:
-        kw = {"include_dashboard": bool(args.dashboard), "dashboard_host": args.dashboard_host, "_temp_dir": temp_root}
-        need = args.workers * args.cpus_per_worker
+        _connect(ray, args.address, args.startup_timeout)
+        return ray
+    # Node IP 127.0.0.1: Ray's gRPC servers (GCS, raylet, core workers), the dashboard agent,
+    # the runtime-env agent and the metrics endpoints all bind loopback then, not 0.0.0.0.
+    kw = {"include_dashboard": bool(args.dashboard), "dashboard_host": args.dashboard_host, "_temp_dir": temp_root,
+          "_node_ip_address": "127.0.0.1"}
+    need = args.workers * args.cpus_per_worker
+    with _sigint_blocked(), _set_env(**_embedded_env()):
         ray.init(num_cpus=max(need + 1, os.cpu_count() or 1), num_gpus=args.workers * args.gpus_per_worker or None,
                  log_to_driver=True, **kw)
     return ray
 
 
+def _descendants() -> list:
+    try:
+        import psutil
+
+        return psutil.Process().children(recursive=True)
+    except Exception:  # psutil comes with ray; without it there is nothing to sweep
+        return []
+
+
+def _stop_leftovers(procs: list, temp_root: str | None) -> None:
+    """Terminate (then kill) what is left of the embedded Ray: ``procs`` and any process whose
+    command line names ``temp_root`` (a child reparented when its parent died)."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    found = {p.pid: p for p in procs}
+    if temp_root:
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != os.getpid() and temp_root in " ".join(p.info["cmdline"] or ()):
+                    found.setdefault(p.pid, p)
+            except psutil.Error:
+                pass
+    alive = []
+    for p in found.values():
+        try:
+            if p.is_running():
+                p.terminate()
+                alive.append(p)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _sweep_stale_temp_roots() -> None:
+    """Remove embedded-Ray temp roots of launchers that are gone (SIGKILLed: nothing cleaned up)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = d.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or someone else's): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            if d.is_dir() and not d.is_symlink() and d.stat().st_uid == os.getuid():
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _values(tree, key: str):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == key and isinstance(v, str):
+                yield v
+            else:
+                yield from _values(v, key)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _values(v, key)
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
+def set_aside_stale_ray_state(output: Path) -> list[str]:
+    """Before a resume: if Ray's run record names checkpoints that are not on disk, move it aside.
+
+    An interrupted run can leave Ray's ``checkpoint_manager_snapshot.json`` naming a checkpoint
+    directory it never finished writing (or had started deleting); Ray then refuses to start
+    ("Path not found: .../ray/train/step-..."). Our own ``checkpoints/latest`` is published only
+    when complete, and ``--resume`` continues from it, so Ray's record is renamed
+    ``*.stale-<time>`` and Ray starts a fresh record. Returns the missing names.
+    """
+    snap = output / "ray" / "train" / SNAPSHOT
+    if not snap.is_file():
+        return []
+    try:
+        names = set(_values(json.loads(snap.read_text()), "checkpoint_dir_name"))
+        missing = sorted(n for n in names if not (snap.parent / n).is_dir())
+    except (OSError, ValueError):
+        missing = ["(unreadable record)"]
+    if missing:
+        aside = snap.with_name(f"{SNAPSHOT}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(snap, aside)
+        print(f"gradcomp-launch: Ray's run record names checkpoint(s) not on disk ({', '.join(missing)}; "
+              f"an interrupted run): moved it to {aside.name}; resuming from {output / 'checkpoints'}",
+              file=sys.stderr)
+    return missing
+
+
+def _placement_failure(e: BaseException) -> bool:
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if "WorkerGroupStartup" in type(x).__name__:
+            return True
+        stack += [x.__cause__, x.__context__, getattr(x, "controller_failure", None)]
+    return "WorkerGroupStartupTimeoutError" in str(e)
+
+
+def _fit(args, trainer):
+    """``trainer.fit()`` with our Ctrl-C handling and a bounded wait for placement."""
+    # Ray Train's fit() installs its own SIGINT handler (abort the controller, then sys.exit),
+    # which made Ctrl-C exit 1 without a word and kept it from us: leave SIGINT to Python's
+    # KeyboardInterrupt, which unwinds to run()'s cleanup and main()'s exit 130.
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None
+    # Read by the controller when it places each worker group (Ray Train propagates it).
+    with _set_env(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=str(args.startup_timeout)):
+        try:
+            return trainer.fit()
+        except Exception as e:  # Ray wraps worker tracebacks; they are in the message
+            if _placement_failure(e):
+                raise TrainingFailed(_placement_message(args)) from e
+            raise TrainingFailed(str(e)) from e
+
+
+def _placement_message(args) -> str:
+    attempts = args.max_failures + 1
+    res = f"{args.cpus_per_worker} CPU" + (f" + {args.gpus_per_worker} GPU" if args.gpus_per_worker else "")
+    return (f"the cluster could not place {args.workers} workers ({res} each, --placement {args.placement}) "
+            f"within --startup-timeout {args.startup_timeout:g} s, {attempts} attempt(s) (1 + --max-failures): "
+            f"check `ray status` for free resources and alive nodes ({args.placement} "
+            + ("needs one node per worker" if args.placement == "STRICT_SPREAD" else
+               "needs all workers on one node" if args.placement == "STRICT_PACK" else "needs the total free")
+            + "), or raise --startup-timeout if nodes are still joining")
+
+
 def run(args: argparse.Namespace, output: Path) -> dict:
-    """Run the job described by ``args``; return the results (also written to ``output/results.json``)."""
+    """Run the job described by ``args``; return the results (also written to ``output/results.json``).
+
+    ``KeyboardInterrupt`` (Ctrl-C) propagates after Ray is shut down and the embedded Ray's
+    processes and temporary directory are gone.
+    """
     from .env import environment
 
     config = config_from_args(args, output)
     output.mkdir(parents=True, exist_ok=True)
-    temp_root = None if args.address else tempfile.mkdtemp(prefix="gcray-")  # short: Ray's socket paths
+    if args.resume:
+        set_aside_stale_ray_state(output)
+    temp_root = None
+    before = set()
+    if not args.address:
+        _sweep_stale_temp_roots()
+        # short: Ray's socket paths; the pid lets a later launch remove it if we get SIGKILLed
+        temp_root = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+        before = {p.pid for p in _descendants()}  # not ours to stop (a test's own cluster...)
     t0 = time.perf_counter()
-    ray = _start_ray(args, temp_root)
+    ray = None
     try:
-        payload = {"config": config.to_dict(), "inject_fault": args.inject_fault}
+        ray = _start_ray(args, temp_root)
+        payload = {"config": config.to_dict(), "inject_fault": args.inject_fault, "scratch_dir": temp_root}
         if args.transport == "horovod":
             from .horovod import run_on_ray
 
@@ -295,20 +769,28 @@ def run(args: argparse.Namespace, output: Path) -> dict:
             ray_info = {"transport": "horovod.ray.RayExecutor", "ray_temp_dir": temp_root}
         else:
             from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-            from ray.train.torch import TorchTrainer
+            from ray.train.torch import TorchConfig, TorchTrainer
 
             scaling = ScalingConfig(
                 num_workers=args.workers, use_gpu=bool(args.gpus_per_worker), placement_strategy=args.placement,
                 resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.gpus_per_worker else {})})
+            try:  # Ray Train v2: a worker group that cannot be placed counts against max_failures too
+                failure = FailureConfig(max_failures=args.max_failures, controller_failure_limit=args.max_failures)
+            except TypeError:  # pragma: no cover - Ray Train v1
+                failure = FailureConfig(max_failures=args.max_failures)
             run_config = RunConfig(
-                name="train", storage_path=str((output / "ray").resolve()),
-                failure_config=FailureConfig(max_failures=args.max_failures),
+                name="train", storage_path=str((output / "ray").resolve()), failure_config=failure,
                 checkpoint_config=CheckpointConfig(num_to_keep=2))
-            trainer = TorchTrainer(_ray_worker, train_loop_config=payload, scaling_config=scaling, run_config=run_config)
-            try:
-                fit = trainer.fit()
-            except Exception as e:  # Ray wraps worker tracebacks; they are in the message
-                raise TrainingFailed(str(e)) from e
+            timeout_s = max(1, math.ceil(args.timeout))  # the process group's timeout (Ray takes whole seconds)
+            if args.address:
+                torch_config = TorchConfig(timeout_s=timeout_s)
+            else:
+                from ._ray_loopback import LoopbackTorchConfig
+
+                torch_config = LoopbackTorchConfig(timeout_s=timeout_s)
+            trainer = TorchTrainer(_ray_worker, train_loop_config=payload, scaling_config=scaling,
+                                   run_config=run_config, torch_config=torch_config)
+            fit = _fit(args, trainer)
             if fit.error is not None:
                 raise TrainingFailed(str(fit.error))
             if not fit.metrics or RESULT_KEY not in fit.metrics:
@@ -318,9 +800,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
                         "ray_temp_dir": temp_root,
                         "last_ray_checkpoint": fit.checkpoint.path if fit.checkpoint is not None else None}
     finally:
-        ray.shutdown()
-        if temp_root is not None:
-            shutil.rmtree(temp_root, ignore_errors=True)
+        _cleanup(ray, temp_root, before)
     result = dict(result)
     result.update({"config": config.to_dict(), "launcher": {"workers": args.workers, "address": args.address or "embedded",
                                                             "job_wall_seconds": time.perf_counter() - t0, **ray_info},
@@ -329,6 +809,28 @@ def run(args: argparse.Namespace, output: Path) -> dict:
     tmp.write_text(json.dumps(result, indent=2, default=str))
     os.replace(tmp, output / "results.json")
     return result
+
+
+def _cleanup(ray, temp_root: str | None, before: set) -> None:
+    """Shut Ray down; for an embedded Ray also stop whatever of it survived and delete its temp root.
+
+    Runs with SIGINT ignored (main thread): a second Ctrl-C must not cut the cleanup short.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        ours = [p for p in _descendants() if p.pid not in before] if temp_root is not None else []
+        if ray is not None:
+            try:
+                ray.shutdown()
+            except Exception as e:  # pragma: no cover - report, keep cleaning
+                print(f"gradcomp-launch: ray.shutdown failed: {e}", file=sys.stderr)
+        if temp_root is not None:
+            _stop_leftovers(ours, temp_root)
+            shutil.rmtree(temp_root, ignore_errors=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
 
 
 def format_table(result: dict) -> str:
@@ -355,7 +857,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``gradcomp-launch``: exit 0 on success, 2 on bad arguments, 1 on failure."""
+    """Entry point of ``gradcomp-launch``: exit 0 on success, 2 on bad arguments (before Ray
+    starts), 1 on failure (an unreachable cluster, failed training), 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a message on bad arguments
     if args.output is None:
@@ -364,11 +867,11 @@ def main(argv: list[str] | None = None) -> int:
     # put checkpoints and metrics.jsonl in Ray's temp dir (deleted after the run).
     output = Path(args.output).absolute()
     try:
-        config_from_args(args, output)
-    except ValueError as e:
-        parser.error(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
-    if output.exists() and not output.is_dir():
-        parser.error(f"--output {output} exists and is not a directory")
+        if args.address is not None:
+            parse_address(args.address)
+        preflight(args, output)
+    except UsageError as e:
+        parser.error(str(e))
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output and --overwrite deletes it: pass one")
     if args.resume and not (output / "checkpoints" / "latest").is_file():
@@ -379,9 +882,6 @@ def main(argv: list[str] | None = None) -> int:
         # new one (Ray would even restore the old run's last checkpoint): never silently.
         parser.error(f"--output {output} holds a previous run ({', '.join(p.name for p in previous)}); "
                      "pass --resume to continue it or --overwrite to start over")
-    if args.overwrite:
-        for path in previous:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if args.gpus_per_worker:
         import torch
 
@@ -394,18 +894,26 @@ def main(argv: list[str] | None = None) -> int:
             _import_hvd()
         except ImportError as e:
             parser.error(f"--transport horovod: {e}")
-    if args.address is not None and not args.address.strip():
-        parser.error("--address is empty")
     if args.inject_fault is not None and args.inject_fault[0] >= args.workers:
         parser.error(f"--inject-fault rank {args.inject_fault[0]} >= --workers {args.workers}")
     try:
+        if args.address is not None:
+            probe_address(args.address, args.startup_timeout)
+        if args.overwrite:
+            for path in previous:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         result = run(args, output)
     except KeyboardInterrupt:
-        print("gradcomp-launch: interrupted", file=sys.stderr)
-        return 130
+        resumable = (output / "checkpoints" / "latest").is_file()
+        print("gradcomp-launch: interrupted; Ray is shut down"
+              + (f"; continue with --resume --output {output}" if resumable else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ClusterUnreachable as e:
+        print(f"gradcomp-launch: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except TrainingFailed as e:
         print(f"gradcomp-launch: training failed:\n{e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print()
     print(format_table(result))
     print(f"\nresults: {output / 'results.json'}")
