@@ -547,6 +547,33 @@ def _embedded_env() -> dict:
     return {k: lo for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k not in os.environ}
 
 
+class _node_ip_loopback:
+    """Make ``ray.init(_node_ip_address="127.0.0.1")`` mean it.
+
+    On Linux Ray replaces a loopback node IP with the machine's address (it assumes a node
+    will be joined by others); only where clusters are off (its macOS/Windows default,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) does it keep 127.0.0.1, and with that node IP
+    every Ray server binds loopback. The embedded Ray is one node that nothing joins: turn
+    clusters off for this ``ray.init`` (Ray reads the flag at call time; its processes get the
+    variable).
+    """
+
+    def __enter__(self):
+        import ray._private.ray_constants as rc
+
+        self.rc, self.old = rc, getattr(rc, "ENABLE_RAY_CLUSTER", None)
+        rc.ENABLE_RAY_CLUSTER = False
+        self.env = _set_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        self.env.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.env.__exit__(*exc)
+        if self.old is not None:
+            self.rc.ENABLE_RAY_CLUSTER = self.old
+        return False
+
+
 def _connect(ray, address: str, timeout: float) -> None:
     """``ray.init(address=...)`` bounded by ``timeout`` seconds.
 
@@ -586,7 +613,7 @@ def _start_ray(args, temp_root: str | None):
     kw = {"include_dashboard": bool(args.dashboard), "dashboard_host": args.dashboard_host, "_temp_dir": temp_root,
           "_node_ip_address": "127.0.0.1"}
     need = args.workers * args.cpus_per_worker
-    with _sigint_blocked(), _set_env(**_embedded_env()):
+    with _sigint_blocked(), _set_env(**_embedded_env()), _node_ip_loopback():
         ray.init(num_cpus=max(need + 1, os.cpu_count() or 1), num_gpus=args.workers * args.gpus_per_worker or None,
                  log_to_driver=True, **kw)
     return ray
