@@ -113,6 +113,33 @@ def _energy_below(log_top: float, s: float) -> float:
     return 1.0 if log_top == math.inf else max(float(special.ndtr(log_top / s - 2.0 * s)), 1e-300)
 
 
+# Below this share of the energy under the top (log), the linear-space formulas lose their
+# precision (absolute errors of about 1e-16 divided by the share); they are then evaluated in
+# log space (``_log_space``): heavy tails (sigma beyond about 6 at 1e6 samples, e.g. data
+# spread over 1e-30..1e30), where the energy sits in the far lower tail of the moment densities.
+_LOG_SPACE_BELOW = math.log(1e-8)
+
+
+def _log_energy_below(log_top: float, s: float) -> float:
+    """``log Phi(log_top/s - 2s)``: the log of :func:`_energy_below`, without its floor."""
+    return 0.0 if log_top == math.inf else float(special.log_ndtr(log_top / s - 2.0 * s))
+
+
+def _log_space(log_top: float, s: float) -> bool:
+    return _log_energy_below(log_top, s) < _LOG_SPACE_BELOW
+
+
+def _log_phi_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``log(Phi(b) - Phi(a))`` for ``a <= b`` (``-inf`` where ``a == b``), to full relative
+    precision in both tails (log_ndtr of the tail nearer to the interval)."""
+    with np.errstate(all="ignore"):
+        upper = a > 0
+        la = np.where(upper, special.log_ndtr(-b), special.log_ndtr(a))
+        lb = np.where(upper, special.log_ndtr(-a), special.log_ndtr(b))
+        out = lb + np.log(-np.expm1(la - lb))
+    return np.where(b > a, out, -np.inf)
+
+
 def _log_top_of(amax: float, mu: float) -> float:
     """``ln(amax) - mu``, at least 0: a sample's maximum is never below its geometric mean
     ``e^mu``, so a negative value is float rounding (it would cut a point mass away)."""
@@ -137,6 +164,16 @@ def _pruning_nmse_z(z: np.ndarray, s: float, log_top: float = math.inf) -> np.nd
     z = np.asarray(z, dtype=np.float64)
     y = np.minimum(z, log_top)
     t1, t2 = y / s - s, y / s - 2.0 * s
+    if _log_space(log_top, s):
+        # The same two forms, normalized inside the exponentials (the share underflows).
+        lg = _log_energy_below(log_top, s)
+        with np.errstate(over="ignore", invalid="ignore", under="ignore", divide="ignore"):
+            direct = (np.exp(z - 1.5 * s * s + special.log_ndtr(t1) - lg)
+                      - np.exp(special.log_ndtr(t2) - lg))
+            lower = 0.5 * np.exp(-0.5 * t2 * t2 - lg) * (special.erfcx(-t1 / _SQRT2) - special.erfcx(-t2 / _SQRT2))
+        out = np.where((t1 < 0) & (z <= log_top), lower, direct)
+        out = np.where(np.isneginf(z), 0.0, out)
+        return np.maximum(np.nan_to_num(out, nan=0.0, posinf=np.inf), 0.0)
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         direct = np.exp(z - 1.5 * s * s + special.log_ndtr(t1)) - special.ndtr(t2)
         lower = 0.5 * np.exp(-0.5 * t2 * t2) * (special.erfcx(-t1 / _SQRT2) - special.erfcx(-t2 / _SQRT2))
@@ -362,6 +399,8 @@ def _fp_batch(cells, ks_list, mu: float, s: float, log_lower: np.ndarray,
     ps = (np.arange(3.0) * s * s)[:, None, None]
     with np.errstate(invalid="ignore"):
         t = (lb[None] - ps) / s  # (3, R, nb)
+    if _log_space(log_top, s):
+        return _fp_batch_log(t, log_abs, sign, log_c, s, log_lower, log_top, idx, ks_list)
     up = _upper(t)
     d = np.maximum(up[..., :-1] - up[..., 1:], 0.0)
     # Per-row factors c^(2-p) exp((p^2/2 - 2) s^2) of the p = 0, 1 terms (log).
@@ -393,6 +432,41 @@ def _fp_batch(cells, ks_list, mu: float, s: float, log_lower: np.ndarray,
         part = _terms(log_abs[:, rr, idx], sign[:, rr, idx], log_c[:, None], s, d_part)
     table = np.nan_to_num(above[rr, idx + 1] + np.maximum(part, 0.0), nan=np.inf)
     table /= _energy_below(log_top, s)
+    res, r = [], 0
+    for ks in ks_list:
+        res.append(table[r:r + len(ks)])
+        r += len(ks)
+    return res
+
+
+def _fp_batch_log(t, log_abs, sign, log_c, s: float, log_lower, log_top: float, idx, ks_list) -> list[np.ndarray]:
+    """:func:`_fp_batch` in log space (heavy tails: see ``_LOG_SPACE_BELOW``): every cell's Phi
+    differences as logs (:func:`_log_phi_diff`), each term normalized by the energy below the
+    top inside its exponential."""
+    rows, nb = t.shape[1], t.shape[2]
+    lg = _log_energy_below(log_top, s)
+    pw = np.array([2.0, 1.0, 0.0])[:, None, None]  # power of c in the p = 0, 1, 2 terms
+    sq = np.array([-2.0, -1.5, 0.0])[:, None, None] * s * s
+
+    def terms(la, sg, lc, logd):
+        # sum_p sign_p exp(log|c_p| + (2-p) log c + (p^2/2 - 2) s^2 + log d_p - log share)
+        lab = np.concatenate((la, np.zeros_like(la[:1])))  # |c2| = 1
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            e = lab + pw * lc + sq + logd - lg
+            v = np.where(sg != 0, sg * np.exp(np.where(sg != 0, e, -np.inf)), 0.0)
+        return v.sum(axis=0)
+
+    logd = _log_phi_diff(t[..., :-1], t[..., 1:])  # (3, R, ncell)
+    full = terms(log_abs, sign, log_c[None, :, None], logd)
+    above = np.zeros((rows, nb))
+    above[:, :-1] = np.cumsum(full[:, ::-1], axis=1)[:, ::-1]
+    rr = np.arange(rows)[:, None]
+    ps = (np.arange(3.0) * s * s)[:, None, None]
+    t_low = (log_lower[None, None, :] - ps) / s  # (3, 1, A)
+    hi = t[:, rr, idx + 1]
+    lo = np.minimum(np.maximum(t_low, t[:, rr, idx]), hi)
+    part = terms(log_abs[:, rr, idx], sign[:, rr, idx], log_c[None, :, None], _log_phi_diff(lo, hi))
+    table = np.nan_to_num(above[rr, idx + 1] + np.maximum(part, 0.0), nan=np.inf)
     res, r = [], 0
     for ks in ks_list:
         res.append(table[r:r + len(ks)])
@@ -534,7 +608,9 @@ def _cutoff_grid(mu: float, s: float, count: int) -> np.ndarray:
     The top stays below ``1 - 2 / count`` (at least two nonzero entries expected: sparser is
     meaningless for the shard, and the wire model's position term is slow to evaluate there).
     Only candidates: the ends are computed for ``s`` rounded to 4 digits and cached. Clipped so
-    that ``alpha = e^(mu + z)`` is a normal float32 (it travels as one).
+    that ``alpha = e^(mu + z)`` is a normal float32 (it travels as one). Cutoffs above the
+    shard's largest value stay: every entry then survives with probability ``|x| / alpha``,
+    the cheapest plans for tiny budgets, and the truncated model prices them correctly.
     """
     top = min(_GRID_SPARSITY[1], max(0.5, 1.0 - 2.0 / max(count, 1)))
     lo, hi = _grid_ends(float(f"{s:.4g}"), float(f"{top:.6g}"))
