@@ -18,7 +18,9 @@ What it does, all from one validated :class:`TrainConfig`:
 * checkpoints every ``checkpoint_every`` steps and at every epoch end: model, optimizer, LR
   schedule, progress and each rank's compression state (residuals differ per rank), written
   to a fresh ``step-XXXXXXXX`` directory and published by an atomic rename of the ``latest``
-  pointer, loaded back with ``torch.load(weights_only=True)``. A resumed run continues at the
+  pointer, loaded back with ``torch.load(weights_only=True)`` and validated before anything
+  is applied (a damaged or tampered file raises :class:`CheckpointError` naming it; every rank
+  checks that all ranks resume from the same point, see :func:`train`). A resumed run continues at the
   exact batch where the checkpoint was taken (the data order is a function of seed and epoch),
   with the LR schedule, hook step, fits, residuals and random keys where they were. Without a
   hook it reproduces the uninterrupted run bit for bit; with one, its first step runs on DDP's
@@ -35,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -93,6 +96,15 @@ class TrainConfig:
     Output: ``checkpoint_dir`` (``None``: no checkpoints), ``checkpoint_every`` (steps; 0: epoch
     ends only), ``keep_checkpoints``, ``resume`` (continue from ``checkpoint_dir/latest`` if it
     exists), ``metrics_path`` (JSON lines, rank 0), ``progress`` (bar on rank 0), ``device``.
+
+    Failure: ``timeout`` (seconds, finite and > 0) bounds how long a rank waits for its peers: it
+    is the ``init_process_group(timeout=...)`` of a group :func:`train` creates itself (so it
+    bounds the rendezvous too) and the timeout of the gradcomp hook's own group
+    (``CompressionState(timeout=...)``). When someone else created the default group (Ray
+    Train, a test's ``FileStore`` group), :func:`train` runs DDP and its own collectives on a
+    new group of the same ranks with this timeout, so theirs does not apply. A stalled or
+    stopped peer makes the other ranks fail with an error after about ``timeout`` seconds
+    instead of hanging. (Horovod: its own timeouts apply.)
     """
 
     model: str = "resnet1d"
@@ -131,6 +143,7 @@ class TrainConfig:
     metrics_path: str | None = None
     progress: bool = True
     device: str = "auto"
+    timeout: float = 300.0
 
     def __post_init__(self):
         from . import data, models  # local: keep `import gradcomp.train` light
@@ -189,6 +202,7 @@ class TrainConfig:
         integer("seed", 0)
         integer("checkpoint_every", 0)
         integer("keep_checkpoints", 1)
+        real("timeout", 0.0, math.inf, lo_open=True, hi_open=True)
         for name in ("resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be a bool; got {getattr(self, name)!r}")
@@ -227,6 +241,7 @@ class _Dist:
     world_size: int = 1
     local_rank: int = 0
     owned: bool = False  # we created the process group, so we destroy it
+    group: Any = None  # the group train() communicates on (None: the default group)
     horovod: Any = None  # the horovod.torch module when transport == "horovod"
 
 
@@ -238,7 +253,14 @@ def _setup_distributed(config: TrainConfig, device: torch.device) -> _Dist:
         hvd.init()
         return _Dist(hvd.rank(), hvd.size(), hvd.local_rank(), False, hvd)
     if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        # Someone else made the default group (Ray Train, a test), with their timeout: DDP, the
+        # hook and train()'s own collectives run on a group of the same ranks with ours, so a
+        # stalled peer fails this run after config.timeout (DDP's buffer broadcast and
+        # all-reduce would otherwise wait out the default group's timeout, 30 min in torch).
+        group = None
+        if dist.get_world_size() > 1:
+            group = dist.new_group(timeout=datetime.timedelta(seconds=config.timeout), group_desc="gradcomp_train")
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), group=group)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
@@ -247,7 +269,7 @@ def _setup_distributed(config: TrainConfig, device: torch.device) -> _Dist:
         raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun, "
                            "gradcomp-launch, or set the env:// contract (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://")
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=config.timeout))
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
 
 
@@ -359,14 +381,14 @@ class _Hook:
         if config.codec == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+            ddp.register_comm_hook(ddp.process_group, default_hooks.fp16_compress_hook)
         elif config.codec == "powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
             # start_powerSGD_iter 2: PowerSGD needs DDP's rebuilt buckets, and torch refuses 1
             # with error feedback on.
             self.state = powerSGD_hook.PowerSGDState(
-                process_group=None, matrix_approximation_rank=config.powersgd_rank,
+                process_group=ddp.process_group, matrix_approximation_rank=config.powersgd_rank,
                 start_powerSGD_iter=2, random_seed=config.seed)
             ddp.register_comm_hook(self.state, powerSGD_hook.powerSGD_hook)
         elif config.codec != "none":
@@ -374,7 +396,7 @@ class _Hook:
 
             self.state = register(ddp, build_codec(config), error_feedback=_error_feedback(config),
                                   warmup_steps=config.warmup_steps, refit_every=config.refit_every,
-                                  seed=config.seed, collective=config.collective)
+                                  seed=config.seed, collective=config.collective, timeout=config.timeout)
 
     def wire(self, model: nn.Module, steps: int) -> dict:
         """Bytes this rank sent per step and bits per gradient element (``estimated`` says how)."""
@@ -400,6 +422,11 @@ class _Hook:
                 "compression_ratio": s["compression_ratio"], "collective": s["collective"]}
 
     @property
+    def has_state(self) -> bool:
+        """Whether this run's hook keeps per-rank state a checkpoint must restore."""
+        return self.horovod_optimizer is not None or (self.kind in OUR_CODECS and self.state is not None)
+
+    @property
     def powersgd_rank(self) -> int:
         return self.state.matrix_approximation_rank
 
@@ -409,6 +436,12 @@ class _Hook:
         if self.kind in OUR_CODECS and self.state is not None:
             return self.state.state_dict()
         return None
+
+    def compression_config(self) -> dict | None:
+        """The settings a saved compression state must have been written with (``None``: unknown)."""
+        state = getattr(self.horovod_optimizer, "_state", None) if self.horovod_optimizer is not None else self.state
+        config = getattr(state, "_config", None)
+        return config() if callable(config) else None
 
     def load_state_dict(self, sd) -> None:
         if sd is not None and self.horovod_optimizer is not None:
@@ -434,22 +467,80 @@ def _barrier(d: _Dist) -> None:
     if d.horovod is not None:
         d.horovod.join()
     elif d.world_size > 1:
-        dist.barrier()
+        dist.barrier(group=d.group)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: damaged, tampered with, or from another run.
+
+    ``path`` is the file (or ``latest`` pointer) at fault; the message starts with it. A
+    ``ValueError``, so callers that catch those keep working.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = Path(path)
+        super().__init__(f"checkpoint file {self.path}: {reason}")
+
+
+# Fields a resumed run must share with the run that wrote the checkpoint (they fix the model's
+# tensors or what its optimizer state means); the rest (epochs, lr, codec, ...) may change.
+RESUME_MUST_MATCH = ("model", "dataset", "width", "num_train", "act_bits", "gradquant_bits",
+                     "gradquant_sparsity", "gradquant_exp_offset", "optimizer")
+_POINTER_MAX_BYTES = 4096
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies in ``root`` (symlinks resolved)."""
+    try:
+        path.resolve(strict=False).relative_to(root.resolve(strict=False))
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """Return the directory ``checkpoint_dir/latest`` points to, or ``None`` if there is none."""
-    pointer = Path(checkpoint_dir) / "latest"
-    if not pointer.is_file():
+    """Return the directory ``checkpoint_dir/latest`` points to, or ``None`` if there is none.
+
+    The pointer must be a small text file naming one directory directly inside
+    ``checkpoint_dir`` (no absolute path, no ``..``, no separator, no symlink leading out);
+    anything else raises :class:`CheckpointError` naming the pointer.
+    """
+    root = Path(checkpoint_dir)
+    pointer = root / "latest"
+    if pointer.is_symlink():
+        raise CheckpointError(pointer, "is a symlink; the pointer is a plain file written by save_checkpoint")
+    if not pointer.exists():
         return None
-    target = Path(checkpoint_dir) / pointer.read_text().strip()
+    if not pointer.is_file():
+        raise CheckpointError(pointer, "is not a regular file")
+    try:
+        with open(pointer, "rb") as f:
+            raw = f.read(_POINTER_MAX_BYTES + 1)
+        if len(raw) > _POINTER_MAX_BYTES:
+            raise CheckpointError(pointer, f"is over {_POINTER_MAX_BYTES} bytes; not a checkpoint pointer")
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(pointer, "is not UTF-8 text; not a checkpoint pointer") from None
+    except OSError as exc:
+        raise CheckpointError(pointer, f"cannot be read ({exc})") from exc
+    if not name:
+        raise CheckpointError(pointer, "is empty; it should name a step-XXXXXXXX directory")
+    bad = (name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or os.sep in name
+           or (os.altsep is not None and os.altsep in name) or Path(name).is_absolute()
+           or any(c in name for c in "\r\n") or name.startswith("."))
+    if bad:
+        raise CheckpointError(pointer, f"names {name!r}; it must name a directory directly inside {root} "
+                                       "(no absolute path, '..' or separator)")
+    target = root / name
+    if not _inside(target, root) or target.resolve().parent != root.resolve():
+        raise CheckpointError(pointer, f"names {target}, which leads outside {root} (a symlink)")
     if not (target / "model.pt").is_file():
-        raise ValueError(f"checkpoint pointer {pointer} names {target}, which has no model.pt")
+        raise CheckpointError(pointer, f"names {target}, which has no model.pt")
     return target
 
 
 def save_checkpoint(checkpoint_dir: Path, d: _Dist, model: nn.Module, optimizer, hook: _Hook,
-                    progress: dict, gradquant: list, keep: int) -> Path:
+                    progress: dict, gradquant: list, keep: int, config: TrainConfig | None = None) -> Path:
     """Write one checkpoint (every rank writes its compression state) and publish it atomically."""
     step_dir = checkpoint_dir / f"step-{progress['step']:08d}"
     if d.rank == 0:
@@ -459,9 +550,12 @@ def save_checkpoint(checkpoint_dir: Path, d: _Dist, model: nn.Module, optimizer,
     _atomic_save({"format": CHECKPOINT_FORMAT, "world_size": d.world_size, "hook": hook.state_dict()},
                  step_dir / f"compression-rank{d.rank}.pt")
     if d.rank == 0:
-        _atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "progress": dict(progress), "gradquant_steps": [g.step for g in gradquant]},
-                     step_dir / "model.pt")
+        main = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "progress": dict(progress), "gradquant_steps": [g.step for g in gradquant],
+                "world_size": d.world_size}
+        if config is not None:
+            main["config"] = config.to_dict()
+        _atomic_save(main, step_dir / "model.pt")
     _barrier(d)
     if d.rank == 0:
         tmp = checkpoint_dir / f".latest.tmp-{os.getpid()}"
@@ -473,26 +567,303 @@ def save_checkpoint(checkpoint_dir: Path, d: _Dist, model: nn.Module, optimizer,
     return step_dir
 
 
-def load_checkpoint(step_dir: Path, d: _Dist, model: nn.Module, optimizer, hook: _Hook, gradquant: list) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); return progress."""
-    main = torch.load(step_dir / "model.pt", map_location="cpu", weights_only=True)
-    if main.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{step_dir}/model.pt: unknown checkpoint format {main.get('format')!r}")
-    model.load_state_dict(main["model"])
-    optimizer.load_state_dict(main["optimizer"])
+# ---- reading and validating (nothing is applied until every file of this rank checked out)
+def _read(path: Path, step_dir: Path):
+    """``torch.load(weights_only=True)`` of a checkpoint file; every failure names the file."""
+    if path.is_symlink() and not _inside(path, step_dir):
+        raise CheckpointError(path, f"is a symlink leading outside {step_dir}")
+    if not path.is_file():
+        raise CheckpointError(path, "is missing" if not path.exists() else "is not a regular file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes): an interrupted or damaged write")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, UnpicklingError, ...
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(path, f"cannot be loaded ({type(exc).__name__}: {detail}); the file is damaged "
+                                    "or not a gradcomp checkpoint") from exc
+
+
+def _need(cond: bool, path: Path, reason: str) -> None:
+    if not cond:
+        raise CheckpointError(path, reason)
+
+
+def _need_dict(obj, path: Path, what: str, keys=()) -> dict:
+    _need(isinstance(obj, dict), path, f"{what} is a {type(obj).__name__}, not a dict")
+    missing = [k for k in keys if k not in obj]
+    _need(not missing, path, f"{what} lacks {', '.join(map(repr, missing))}")
+    return obj
+
+
+def _need_count(v, path: Path, what: str, lo: int = 0) -> int:
+    _need(_is_int(v) and lo <= v < 2**53, path, f"{what} must be an int >= {lo}; got {v!r}")
+    return v
+
+
+def _need_finite_tensor(t, path: Path, what: str) -> torch.Tensor:
+    _need(isinstance(t, torch.Tensor), path, f"{what} is a {type(t).__name__}, not a tensor")
+    if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(path, f"{what} holds {bad} non-finite value(s) (NaN/inf)")
+    return t
+
+
+def _check_model_state(sd, path: Path, model: nn.Module) -> None:
+    _need_dict(sd, path, "'model'")
+    want = model.state_dict()
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    _need(not missing and not extra, path, f"'model' does not fit this model: missing {missing[:5]}, "
+                                           f"unexpected {extra[:5]} (another model or config?)")
+    for k, ref in want.items():
+        t = _need_finite_tensor(sd[k], path, f"'model'[{k!r}]")
+        _need(t.shape == ref.shape, path, f"'model'[{k!r}] has shape {tuple(t.shape)}, this model's is "
+                                          f"{tuple(ref.shape)}")
+        _need(t.dtype == ref.dtype, path, f"'model'[{k!r}] has dtype {t.dtype}, this model's is {ref.dtype}")
+
+
+def _check_optimizer_state(sd, path: Path, optimizer) -> None:
+    _need_dict(sd, path, "'optimizer'", ("state", "param_groups"))
+    mine = optimizer.state_dict()["param_groups"]
+    groups = sd["param_groups"]
+    _need(isinstance(groups, list) and len(groups) == len(mine), path,
+          f"'optimizer' has {len(groups) if isinstance(groups, list) else groups!r} parameter groups, this "
+          f"optimizer {len(mine)}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, (g, m) in enumerate(zip(groups, mine)):
+        _need_dict(g, path, f"'optimizer' param group {i}", ("params",))
+        _need(isinstance(g["params"], list) and len(g["params"]) == len(m["params"])
+              and all(_is_int(x) and 0 <= x < len(params) for x in g["params"]), path,
+              f"'optimizer' param group {i} lists other parameters than this optimizer's")
+        for k, v in g.items():
+            if k != "params" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                _need(math.isfinite(v), path, f"'optimizer' param group {i} has {k}={v!r}")
+    state = sd["state"]
+    _need_dict(state, path, "'optimizer' state")
+    for idx, st in state.items():
+        _need(_is_int(idx) and 0 <= idx < len(params), path, f"'optimizer' state has parameter index {idx!r}")
+        _need_dict(st, path, f"'optimizer' state[{idx}]")
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                _need_finite_tensor(v, path, f"'optimizer' state[{idx}][{k!r}]")
+                _need(v.numel() == 1 or v.shape == params[idx].shape, path,
+                      f"'optimizer' state[{idx}][{k!r}] has shape {tuple(v.shape)}, the parameter's is "
+                      f"{tuple(params[idx].shape)}")
+            else:
+                _need(_is_real(v) or v is None, path, f"'optimizer' state[{idx}][{k!r}] is {v!r}")
+
+
+def _check_progress(p, path: Path) -> dict:
+    _need_dict(p, path, "'progress'", ("step", "epoch", "batch"))
+    for k in ("step", "epoch", "batch"):
+        _need_count(p[k], path, f"'progress'['{k}']")
+    _need_count(p.get("restarts", 0), path, "'progress'['restarts']")
+    hist = p.get("history", [])
+    _need(isinstance(hist, list) and all(isinstance(h, dict) for h in hist), path,
+          "'progress'['history'] must be a list of dicts")
+    return dict(p, restarts=p.get("restarts", 0), history=list(hist))
+
+
+def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
+    """Validate a :meth:`CompressionState.state_dict` against ``model``; return its step."""
+    from .hook import STATE_VERSION
+
+    _need_dict(sd, path, "'hook'", ("version", "config", "step", "fits", "residuals", "reduce_residuals",
+                                    "reduce_residual_layouts", "stats"))
+    _need(sd["version"] == STATE_VERSION, path, f"'hook' is version {sd['version']!r}, not {STATE_VERSION}")
+    _need_dict(sd["config"], path, "'hook'['config']")
+    step = _need_count(sd["step"], path, "'hook'['step']")
+    params = list(model.parameters())
+    _need_dict(sd["residuals"], path, "'hook'['residuals']")
+    for k, t in sd["residuals"].items():
+        _need(_is_int(k) and 0 <= k < len(params), path, f"'hook'['residuals'] has parameter index {k!r}; the "
+                                                          f"model has {len(params)} parameters")
+        _need_finite_tensor(t, path, f"'hook'['residuals'][{k}]")
+        _need(t.dim() == 1 and t.numel() == params[k].numel() and t.is_floating_point(), path,
+              f"'hook'['residuals'][{k}] has shape {tuple(t.shape)}; parameter {k} has {params[k].numel()} "
+              "elements (a residual of another model)")
+    total = sum(p.numel() for p in params)
+    _need_dict(sd["reduce_residuals"], path, "'hook'['reduce_residuals']")
+    layouts = _need_dict(sd["reduce_residual_layouts"], path, "'hook'['reduce_residual_layouts']")
+    for b, t in sd["reduce_residuals"].items():
+        _need(_is_int(b) and b >= 0 and b in layouts, path, f"'hook'['reduce_residuals'] has bucket {b!r} "
+                                                            "without a layout")
+        lay = layouts[b]
+        _need(isinstance(lay, (list, tuple)) and len(lay) == 2 and all(_is_int(x) and x >= 1 for x in lay)
+              and lay[1] <= total, path, f"'hook'['reduce_residual_layouts'][{b}] is {lay!r}")
+        _need_finite_tensor(t, path, f"'hook'['reduce_residuals'][{b}]")
+        _need(t.dim() == 1 and t.numel() <= lay[1] and t.is_floating_point(), path,
+              f"'hook'['reduce_residuals'][{b}] has shape {tuple(t.shape)} for a bucket of {lay[1]} elements")
+    _need_dict(sd["fits"], path, "'hook'['fits']")
+    for k, v in sd["fits"].items():
+        parts = k.split("/") if isinstance(k, str) else []
+        _need(len(parts) == 3 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
+        _need(isinstance(v, list) and (not v or (len(v) == 4 and all(_is_int(x) or isinstance(x, float) for x in v)
+                                               and all(not math.isnan(x) for x in v)
+                                               and math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] >= 0
+                                               and v[2] >= 0 and v[3] >= 0)), path,
+              f"'hook'['fits'][{k!r}] is {v!r}; a fit is [mu, sigma >= 0, count, max_abs] or []")
+    st = _need_dict(sd["stats"], path, "'hook'['stats']", ("bytes_sent", "dense_bytes", "payload_bytes",
+                                                            "payload_elements"))
+    for k, v in st.items():
+        _need(_is_real(v) and v >= 0, path, f"'hook'['stats'][{k!r}] is {v!r}")
+    return step
+
+
+@dataclass
+class _Loaded:
+    """One rank's validated checkpoint, not yet applied."""
+    step_dir: Path
+    main: dict
+    progress: dict
+    comp_path: Path
+    comp_status: str  # "loaded", "afresh" (all ranks alike), "missing", "none" (this run keeps no state)
+    hook_sd: Any = None
+    hook_step: int = 0
+    note: str = ""
+
+
+def read_checkpoint(step_dir: str | os.PathLike, d: _Dist, model: nn.Module, optimizer, hook: _Hook,
+                    gradquant: list, config: TrainConfig | None = None) -> _Loaded:
+    """Read and validate this rank's files of a checkpoint; change nothing. Raises :class:`CheckpointError`."""
+    step_dir = Path(step_dir)
+    main_path = step_dir / "model.pt"
+    main = _read(main_path, step_dir)
+    _need_dict(main, main_path, "the checkpoint", ("format", "model", "optimizer", "progress"))
+    _need(main["format"] == CHECKPOINT_FORMAT, main_path, f"unknown checkpoint format {main['format']!r}")
+    if "config" in main and config is not None:
+        saved = _need_dict(main["config"], main_path, "'config'")
+        now = config.to_dict()
+        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
+        _need(not diff, main_path, f"was written by a run with another {', '.join(diff)}; resume with the same "
+                                   "model settings or start a fresh checkpoint_dir")
+    saved_world = main.get("world_size")
+    _need(saved_world is None or (_is_int(saved_world) and saved_world >= 1), main_path,
+          f"'world_size' is {saved_world!r}")
+    _check_model_state(main["model"], main_path, model)
+    _check_optimizer_state(main["optimizer"], main_path, optimizer)
+    progress = _check_progress(main["progress"], main_path)
+    gq = main.get("gradquant_steps", [])
+    _need(isinstance(gq, list) and all(_is_int(s) and s >= 0 for s in gq), main_path,
+          f"'gradquant_steps' must be a list of ints >= 0; got {gq!r}")
+    _need(not gradquant or len(gq) == len(gradquant), main_path,
+          f"'gradquant_steps' has {len(gq)} entries, this model has {len(gradquant)} GradQuant modules")
+
+    comp = step_dir / f"compression-rank{d.rank}.pt"
+    loaded = _Loaded(step_dir, main, progress, comp, "none")
+    if not hook.has_state:
+        return loaded  # fp32, fp16, PowerSGD or one process: nothing to restore
+    if saved_world is not None and saved_world != d.world_size:
+        loaded.comp_status = "afresh"  # every rank reads the same model.pt, so every rank decides alike
+        loaded.note = (f"checkpoint was written by {saved_world} ranks, this run has {d.world_size}; "
+                       "error-feedback residuals and fits start afresh")
+        return loaded
+    if not comp.exists() and not comp.is_symlink():
+        loaded.comp_status = "missing"
+        return loaded
+    c = _need_dict(_read(comp, step_dir), comp, "the compression state", ("format", "world_size", "hook"))
+    _need(c["format"] == CHECKPOINT_FORMAT, comp, f"unknown checkpoint format {c['format']!r}")
+    _need_count(c["world_size"], comp, "'world_size'", 1)
+    if c["world_size"] != d.world_size:
+        loaded.comp_status = "afresh"
+        loaded.note = (f"checkpoint has compression state for {c['world_size']} ranks, this run has "
+                       f"{d.world_size}; error-feedback residuals and fits start afresh")
+    elif c["hook"] is None:
+        loaded.comp_status = "afresh"
+        loaded.note = "checkpoint was written without compression state (another codec); it starts afresh"
+    else:
+        loaded.hook_step = _check_compression_state(c["hook"], comp, model)
+        want = hook.compression_config()
+        _need(want is None or c["hook"]["config"] == want, comp,
+              f"holds compression state written with {c['hook']['config']}, this run's is {want}; resume with the "
+              "same codec settings or start a fresh checkpoint_dir")
+        loaded.hook_sd, loaded.comp_status = c["hook"], "loaded"
+    return loaded
+
+
+def apply_checkpoint(loaded: _Loaded, model: nn.Module, optimizer, hook: _Hook, gradquant: list) -> dict:
+    """Load a validated checkpoint into the run's objects; return its progress."""
+    main = loaded.main
+    main_path = loaded.step_dir / "model.pt"
+    try:
+        model.load_state_dict(main["model"])
+        optimizer.load_state_dict(main["optimizer"])
+    except Exception as exc:
+        raise CheckpointError(main_path, f"does not fit this run ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())[:300]})") from exc
     for g, s in zip(gradquant, main.get("gradquant_steps", [])):
         g.step = int(s)
-    comp = step_dir / f"compression-rank{d.rank}.pt"
-    if comp.is_file():
-        c = torch.load(comp, map_location="cpu", weights_only=True)
-        if c["world_size"] == d.world_size:
-            hook.load_state_dict(c["hook"])
-        else:
-            warnings.warn(f"gradcomp: checkpoint has compression state for {c['world_size']} ranks, this run has "
-                          f"{d.world_size}; error-feedback residuals and fits start afresh")
-    elif hook.state_dict() is not None:
-        warnings.warn(f"gradcomp: {comp} missing; compression state starts afresh")
-    return dict(main["progress"])
+    if loaded.comp_status == "loaded":
+        try:
+            hook.load_state_dict(loaded.hook_sd)
+        except Exception as exc:
+            raise CheckpointError(loaded.comp_path, f"does not fit this run's compression ({type(exc).__name__}: "
+                                                    f"{' '.join(str(exc).split())[:400]})") from exc
+    elif loaded.note:
+        warnings.warn(f"gradcomp: {loaded.note}")
+    elif loaded.comp_status == "missing":
+        warnings.warn(f"gradcomp: {loaded.comp_path} missing; compression state starts afresh")
+    return dict(loaded.progress)
+
+
+def load_checkpoint(step_dir: Path, d: _Dist, model: nn.Module, optimizer, hook: _Hook, gradquant: list,
+                    config: TrainConfig | None = None) -> dict:
+    """Load this rank's part of a checkpoint written by :func:`save_checkpoint`; return progress.
+
+    Every file is validated first (``weights_only=True`` load, structure, types, ranges, finite
+    weights, tensor shapes against this model, the saved config against ``config``); anything
+    wrong raises :class:`CheckpointError` naming the file, before anything is changed. This
+    function alone does not compare ranks: :func:`train` does (see there).
+    """
+    return apply_checkpoint(read_checkpoint(step_dir, d, model, optimizer, hook, gradquant, config),
+                            model, optimizer, hook, gradquant)
+
+
+def _all_gather_object(d: _Dist, obj) -> list:
+    if d.horovod is not None:
+        return list(d.horovod.allgather_object(obj))
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, obj, group=d.group)
+    return out
+
+
+def _agree_on_resume(d: _Dist, src: Path | None, loaded: _Loaded | None, error: CheckpointError | None) -> None:
+    """Compare every rank's resume point; raise the same kind of error on every rank if they differ.
+
+    One small all-gather of (checkpoint directory, step, compression status, hook step, error).
+    """
+    mine = {"dir": None if src is None else str(src), "error": None if error is None else str(error),
+            "step": None if loaded is None else int(loaded.progress["step"]),
+            "status": None if loaded is None else loaded.comp_status,
+            "hook_step": None if loaded is None else loaded.hook_step,
+            "file": None if loaded is None else str(loaded.comp_path)}
+    everyone = _all_gather_object(d, mine)
+    failed = [(r, e["error"]) for r, e in enumerate(everyone) if e["error"] is not None]
+    if failed:
+        if error is not None:
+            raise error
+        r, msg = failed[0]
+        raise CheckpointError(everyone[r]["file"] or everyone[r]["dir"] or "?",
+                              f"rank {r} cannot resume from it, so no rank does: {msg}")
+    steps = {e["step"] for e in everyone}
+    if len(steps) > 1:
+        where = "; ".join(f"rank {r}: {e['dir'] or 'no checkpoint'} (step {e['step']})" for r, e in enumerate(everyone))
+        raise CheckpointError(src if src is not None else "latest",
+                              f"ranks found different checkpoints to resume from ({where}); every rank must see "
+                              "the same checkpoint (a shared file system, or copy it to every node)")
+    missing = [(r, e["file"]) for r, e in enumerate(everyone) if e["status"] == "missing"]
+    if missing:
+        r, f = missing[0]
+        raise CheckpointError(f, f"is missing (rank {r}'s compression state; missing on ranks "
+                                 f"{[m for m, _ in missing]}), so ranks would resume at different hook steps; "
+                                 "restore the file, or resume from an older checkpoint")
+    statuses = {e["status"] for e in everyone}
+    hook_steps = {e["hook_step"] for e in everyone}
+    if len(statuses) > 1 or len(hook_steps) > 1:
+        by_rank = "; ".join(f"rank {r}: {e['status']} at hook step {e['hook_step']} ({e['file']})"
+                            for r, e in enumerate(everyone))
+        raise CheckpointError(loaded.comp_path if loaded is not None else "latest",
+                              f"ranks disagree on the compression state to resume ({by_rank})")
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -528,7 +899,7 @@ def _sync_buffers(model: nn.Module, d: _Dist) -> None:
         d.horovod.broadcast_parameters(dict(model.named_buffers()), root_rank=0)
         return
     for b in model.buffers():
-        dist.broadcast(b, src=0)
+        dist.broadcast(b, src=0, group=d.group)
 
 
 def _percentile(xs: list[float], q: float) -> float | None:
@@ -547,6 +918,23 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
     checkpoint directory (a ``step-*`` directory or a ``checkpoint_dir``) to start from;
     ``config.resume`` resumes from ``config.checkpoint_dir/latest`` when it exists.
     ``on_step(step)`` runs after every optimizer step (fault injection in tests, custom logging).
+
+    Resuming is all or nothing, and every rank resumes from the same point. Each rank reads and
+    validates its files first (:func:`read_checkpoint`: ``model.pt`` and its own
+    ``compression-rankN.pt``, loaded with ``weights_only=True``; structure, types, ranges, finite
+    weights, shapes against this model, the saved config); any problem is a
+    :class:`CheckpointError` (a ``ValueError``) that names the file, raised before anything is
+    changed or written. With several ranks, one small all-gather then compares (checkpoint
+    directory and step, compression state loaded/missing/afresh, hook step, error) across
+    ranks, and if any rank cannot resume or the ranks disagree, **every rank raises**
+    :class:`CheckpointError` naming the file at fault; a missing ``compression-rankN.pt`` (whose
+    rank would restart its error feedback at hook step 0 while the others continue) is such an
+    error, not a warning. Restore the file or resume from an older checkpoint. The one case where
+    compression state starts afresh is a deliberate one that every rank sees alike: the
+    checkpoint was written by another number of ranks, or by a run without compression state.
+
+    A rank that stalls makes its peers fail after about ``config.timeout`` seconds with a
+    ``RuntimeError`` naming the step, the rank and the timeout (see :class:`TrainConfig`).
 
     Results: ``final_accuracy`` (test set, eval mode), ``final_loss``, ``steps``, ``epochs``,
     ``wall_seconds``, ``step_time_p50``/``p90`` (seconds; forward+backward+communication+update),
@@ -590,7 +978,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
                 size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
                 ddp_kw["bucket_cap_mb"] = max(25.0, size_mb + 1.0)
             ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kw)
+                model, device_ids=[device.index] if device.type == "cuda" else None, process_group=d.group, **ddp_kw)
             net = ddp
         hook = _Hook(config, ddp, model, d.world_size, optimizer if d.horovod is not None else None)
         loader = data.make_loader(bundle.train, config.batch_size, rank=d.rank, world_size=d.world_size,
@@ -606,17 +994,26 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
         progress = {"step": 0, "epoch": 0, "batch": 0, "restarts": 0, "history": []}
         resumed_from = None
         ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
-        src = None
-        if resume_from is not None:
-            src = Path(resume_from)
-            if not (src / "model.pt").is_file():
-                src = latest_checkpoint(src)
-                if src is None:
-                    raise ValueError(f"resume_from={resume_from}: no checkpoint there")
-        elif config.resume and ckpt_root is not None:
-            src = latest_checkpoint(ckpt_root)
-        if src is not None:
-            progress = load_checkpoint(src, d, model, optimizer, hook, gradquant)
+        src, loaded, load_error = None, None, None
+        try:
+            if resume_from is not None:
+                src = Path(resume_from)
+                if not (src / "model.pt").is_file():
+                    src = latest_checkpoint(src)
+                    if src is None:
+                        raise CheckpointError(resume_from, "holds no checkpoint (no model.pt, no latest pointer)")
+            elif config.resume and ckpt_root is not None:
+                src = latest_checkpoint(ckpt_root)
+            if src is not None:
+                loaded = read_checkpoint(src, d, model, optimizer, hook, gradquant, config)
+        except CheckpointError as exc:
+            load_error = exc
+        if d.world_size > 1 and (resume_from is not None or config.resume):
+            _agree_on_resume(d, src, loaded, load_error)  # raises on every rank, or on none
+        elif load_error is not None:
+            raise load_error
+        if loaded is not None:
+            progress = apply_checkpoint(loaded, model, optimizer, hook, gradquant)
             progress["restarts"] = int(progress.get("restarts", 0)) + 1
             resumed_from = int(progress["step"])
             if d.horovod is not None:
@@ -644,7 +1041,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
             if hook.state is not None and hasattr(hook.state, "wait_idle"):
                 hook.state.wait_idle()
             return save_checkpoint(ckpt_root, d, model, optimizer, hook, progress, gradquant,
-                                   config.keep_checkpoints)
+                                   config.keep_checkpoints, config)
 
         step_times: list[float] = []
         loss_sum, loss_n = 0.0, 0
@@ -666,9 +1063,17 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
                     group["lr"] = config.lr * _lr_factor(config, step, total)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                optimizer.step()
+                try:
+                    loss = F.cross_entropy(net(x), y)
+                    loss.backward()
+                    optimizer.step()
+                except RuntimeError as exc:
+                    if d.world_size <= 1:
+                        raise
+                    raise RuntimeError(
+                        f"gradcomp.train: step {step + 1} failed on rank {d.rank} of {d.world_size} after "
+                        f"{time.perf_counter() - t0:.1f} s; a peer may have stalled, been stopped or died "
+                        f"(TrainConfig.timeout={config.timeout:g} s bounds the wait). Cause: {exc}") from exc
                 lv = loss.item()  # syncs the device, so the step time is honest
                 step_times.append(time.perf_counter() - t0)
                 if not math.isfinite(lv):
@@ -730,6 +1135,11 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
     finally:
         if hook is not None:
             hook.close()
+        if d.group is not None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(d.group)
+            except (RuntimeError, ValueError):
+                pass
         if d.owned and dist.is_initialized():
             dist.destroy_process_group()
 
