@@ -32,8 +32,8 @@ removed at exit.
 Interrupts: Ctrl-C (SIGINT) at any point exits 130 with a message after shutting Ray down; the
 embedded Ray's processes start with SIGINT blocked, so a terminal's Ctrl-C reaches only the
 launcher, which stops them in order (none is left behind and nothing recreates the temporary
-directory). A later ``--resume`` continues from ``OUTPUT/checkpoints/latest``; Ray run state
-that names checkpoints an interrupted run never finished writing is set aside. After SIGKILL of
+directory). A later ``--resume`` continues from ``OUTPUT/checkpoints/latest`` under a fresh Ray run
+name (the interrupted run's Ray record can name checkpoints it never finished writing). After SIGKILL of
 the launcher, its GCS and raylet die with it (Ray starts them with a parent-death signal) and the
 other Ray processes exit when they notice; the temporary directory (``$TMPDIR/gcray-PID-*``)
 stays until the next launch, which removes those of dead launchers.
@@ -680,45 +680,20 @@ def _sweep_stale_temp_roots() -> None:
             pass
 
 
-def _values(tree, key: str):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k == key and isinstance(v, str):
-                yield v
-            else:
-                yield from _values(v, key)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _values(v, key)
+def _ray_run_name(output: Path, resume: bool) -> str:
+    """Ray Train's run name: ``train``, and a fresh ``train-resume-N`` for each ``--resume``.
 
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
-
-
-def set_aside_stale_ray_state(output: Path) -> list[str]:
-    """Before a resume: if Ray's run record names checkpoints that are not on disk, move it aside.
-
-    An interrupted run can leave Ray's ``checkpoint_manager_snapshot.json`` naming a checkpoint
-    directory it never finished writing (or had started deleting); Ray then refuses to start
-    ("Path not found: .../ray/train/step-..."). Our own ``checkpoints/latest`` is published only
-    when complete, and ``--resume`` continues from it, so Ray's record is renamed
-    ``*.stale-<time>`` and Ray starts a fresh record. Returns the missing names.
+    A resumed run continues from our own ``checkpoints/latest`` (published only when complete).
+    Reusing the interrupted run's Ray record made Ray fail: it can name checkpoints the
+    interrupted run never finished writing, and the resumed run re-reports step directories
+    of the same names, which Ray then deletes twice ("Path not found: .../ray/train/step-...").
     """
-    snap = output / "ray" / "train" / SNAPSHOT
-    if not snap.is_file():
-        return []
-    try:
-        names = set(_values(json.loads(snap.read_text()), "checkpoint_dir_name"))
-        missing = sorted(n for n in names if not (snap.parent / n).is_dir())
-    except (OSError, ValueError):
-        missing = ["(unreadable record)"]
-    if missing:
-        aside = snap.with_name(f"{SNAPSHOT}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(snap, aside)
-        print(f"gradcomp-launch: Ray's run record names checkpoint(s) not on disk ({', '.join(missing)}; "
-              f"an interrupted run): moved it to {aside.name}; resuming from {output / 'checkpoints'}",
-              file=sys.stderr)
-    return missing
+    if not resume:
+        return "train"
+    n = 1
+    while (output / "ray" / f"train-resume-{n}").exists():
+        n += 1
+    return f"train-resume-{n}"
 
 
 def _placement_failure(e: BaseException) -> bool:
@@ -773,8 +748,6 @@ def run(args: argparse.Namespace, output: Path) -> dict:
 
     config = config_from_args(args, output)
     output.mkdir(parents=True, exist_ok=True)
-    if args.resume:
-        set_aside_stale_ray_state(output)
     temp_root = None
     before = set()
     if not args.address:
@@ -806,7 +779,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
             except TypeError:  # pragma: no cover - Ray Train v1
                 failure = FailureConfig(max_failures=args.max_failures)
             run_config = RunConfig(
-                name="train", storage_path=str((output / "ray").resolve()), failure_config=failure,
+                name=_ray_run_name(output, args.resume), storage_path=str((output / "ray").resolve()), failure_config=failure,
                 checkpoint_config=CheckpointConfig(num_to_keep=2))
             timeout_s = max(1, math.ceil(args.timeout))  # the process group's timeout (Ray takes whole seconds)
             if args.address:

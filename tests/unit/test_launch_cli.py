@@ -199,20 +199,11 @@ def test_timeout_maps_onto_the_config(tmp_path):
     assert build_parser().parse_args([]).timeout == 300.0
 
 
-def test_resume_sets_aside_a_ray_record_naming_missing_checkpoints(tmp_path, capsys):
-    train = tmp_path / "ray" / "train"
-    (train / "step-00000010").mkdir(parents=True)
-    snap = train / launch.SNAPSHOT
-    record = {"checkpoint_results": [{"checkpoint_dir_name": "step-00000010", "metrics": {}},
-                                     {"checkpoint_dir_name": "step-00000550", "metrics": {}}],
-              "latest_checkpoint_result": {"checkpoint_dir_name": "step-00000550", "metrics": {}}}
-    snap.write_text(json.dumps(record))
-    assert launch.set_aside_stale_ray_state(tmp_path) == ["step-00000550"]
-    assert not snap.exists() and len(list(train.glob(launch.SNAPSHOT + ".stale-*"))) == 1
-    assert "step-00000550" in capsys.readouterr().err
-    # a consistent record stays
-    snap.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "step-00000010"}]}))
-    assert launch.set_aside_stale_ray_state(tmp_path) == [] and snap.exists()
+def test_resume_gets_a_fresh_ray_run_name(tmp_path):
+    assert launch._ray_run_name(tmp_path, False) == "train"
+    assert launch._ray_run_name(tmp_path, True) == "train-resume-1"
+    (tmp_path / "ray" / "train-resume-1").mkdir(parents=True)
+    assert launch._ray_run_name(tmp_path, True) == "train-resume-2"
 
 
 def test_stale_temp_roots_of_dead_launchers_are_removed(tmp_path, monkeypatch):
