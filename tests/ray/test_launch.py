@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,16 @@ def test_two_nodes_strict_spread_survives_a_killed_worker(tmp_path, monkeypatch)
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
+        # three workers, one per node, on two nodes: bounded by --startup-timeout (Ray Train alone
+        # retries placing the group every 60 s forever), exit 1 with what to check
+        t0 = time.monotonic()
+        rc = main(["--address", cluster.address, "--workers", "3", "--placement", "STRICT_SPREAD",
+                   "--codec", "fp", "--width", "8", "--epochs", "1", "--max-steps", "5", "--quiet",
+                   "--startup-timeout", "5", "--max-failures", "0", "--output", str(tmp_path / "unplaceable")])
+        took = time.monotonic() - t0
+        assert rc == 1 and took < 60, (rc, took)
+        ray.shutdown()
+        print(f"unplaceable STRICT_SPREAD: exit 1 after {took:.1f} s")
         out = tmp_path / "run"
         rc = main(["--address", cluster.address, "--workers", "2", "--placement", "STRICT_SPREAD",
                    "--codec", "fp", "--bits", "6", "--dataset", "mnist1d", "--width", "16", "--epochs", "1",
