@@ -21,6 +21,8 @@ bit-identical to the eager path (``tests/unit/test_kernels.py``, ``tests/unit/te
 
 ``GRADCOMP_KERNELS`` selects: ``auto`` (default: native where it applies and builds, eager
 otherwise), ``native`` (fail if it cannot build), ``eager`` (never build).
+``GRADCOMP_KERNELS_SANITIZE=address`` builds (under its own name) with AddressSanitizer, for
+``launch/asan_fuzz.sh``; the process must then run with libasan preloaded.
 """
 
 from __future__ import annotations
@@ -67,10 +69,20 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _sanitize_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Extra (compile, link) flags of ``GRADCOMP_KERNELS_SANITIZE`` (``""`` or ``"address"``)."""
+    which = os.environ.get("GRADCOMP_KERNELS_SANITIZE", "").strip().lower()
+    if not which:
+        return (), ()
+    if which != "address":
+        raise ValueError(f"GRADCOMP_KERNELS_SANITIZE must be empty or 'address', got {which!r}")
+    return ("-fsanitize=address", "-fno-omit-frame-pointer", "-g"), ("-fsanitize=address",)
+
+
 def _build_name() -> str:
     """Extension name: a hash of the sources, the flags and this CPU's instruction-set flags."""
     h = hashlib.sha256(_cpu_flags().encode())
-    h.update(" ".join(_CFLAGS).encode())
+    h.update(" ".join(_CFLAGS + _sanitize_flags()[0]).encode())
     for p in sorted(_CSRC.iterdir()):
         if p.suffix in (".cpp", ".h"):
             h.update(p.name.encode())
@@ -86,8 +98,9 @@ def _build():
     print("gradcomp: loading native codec kernels (first build takes about a minute; cached "
           "afterwards; GRADCOMP_KERNELS=eager skips it)", file=sys.stderr, flush=True)
     try:
+        cflags, ldflags = _sanitize_flags()
         return cpp_extension.load(name=_build_name(), sources=[str(_CSRC / s) for s in _SOURCES],
-                                  extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"],
+                                  extra_cflags=list(_CFLAGS + cflags), extra_ldflags=["-fopenmp", *ldflags],
                                   verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: stay correct, just slower
         if kernel_mode() == "native":
