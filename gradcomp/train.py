@@ -251,7 +251,7 @@ def _setup_distributed(config: TrainConfig, device: torch.device) -> _Dist:
 
         hvd = _import_hvd()
         hvd.init()
-        return _Dist(hvd.rank(), hvd.size(), hvd.local_rank(), False, hvd)
+        return _Dist(hvd.rank(), hvd.size(), hvd.local_rank(), owned=False, horovod=hvd)
     if dist.is_available() and dist.is_initialized():
         # Someone else made the default group (Ray Train, a test), with their timeout: DDP, the
         # hook and train()'s own collectives run on a group of the same ranks with ours, so a
