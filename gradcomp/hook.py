@@ -242,7 +242,7 @@ class CompressionState:
         # ---- stats
         self._stats = _Stats()
         # Build (or load) the native codec kernels now, not inside the first step's backward:
-        # a first build takes about a minute (announced on stderr), a cached one milliseconds.
+        # a first build takes about a minute (announced on stderr only then), a cached one milliseconds.
         kernels.warmup()
 
     # ------------------------------------------------------------------ setup / pickling

@@ -90,16 +90,27 @@ def _build_name() -> str:
     return "gradcomp_codecs_" + h.hexdigest()[:12]
 
 
+def _is_built(cpp_extension, name: str) -> bool:
+    """Whether torch's extension cache already holds this build (then loading takes milliseconds)."""
+    try:
+        directory = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # a private helper of torch: if it moves, just announce every load
+        return False
+    return (directory / f"{name}.so").is_file()
+
+
 @functools.lru_cache(maxsize=1)
 def _build():
     """Build (or load the cached build of) the extension; ``None`` if that fails."""
     from torch.utils import cpp_extension
 
-    print("gradcomp: loading native codec kernels (first build takes about a minute; cached "
-          "afterwards; GRADCOMP_KERNELS=eager skips it)", file=sys.stderr, flush=True)
+    name = _build_name()
+    if not _is_built(cpp_extension, name):  # announced only when a compiler will run
+        print("gradcomp: building the native codec kernels (about a minute, once; cached "
+              "afterwards; GRADCOMP_KERNELS=eager skips it)", file=sys.stderr, flush=True)
     try:
         cflags, ldflags = _sanitize_flags()
-        return cpp_extension.load(name=_build_name(), sources=[str(_CSRC / s) for s in _SOURCES],
+        return cpp_extension.load(name=name, sources=[str(_CSRC / s) for s in _SOURCES],
                                   extra_cflags=list(_CFLAGS + cflags), extra_ldflags=["-fopenmp", *ldflags],
                                   verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: stay correct, just slower
