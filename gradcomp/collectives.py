@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from . import kernels
 from .codecs import HEADER_BYTES, Codec, CodecTag, HalfCodec, decode_payload, read_header
+from .codecs.base import FLAG_NONFINITE
 from .codecs.sparse import sum_prune_payloads
 from .packing import packed_size
 from .quant import decode_table
@@ -214,7 +215,10 @@ class ReduceStats:
 
 
 def _any_flagged(payloads: list[torch.Tensor]) -> bool:
-    return any(p.numel() >= HEADER_BYTES and read_header(p).nonfinite for p in payloads)
+    """Whether any payload's header carries the non-finite flag (one small gather, one read:
+    the decoders below parse the full headers themselves)."""
+    flags = [p[1:2] for p in payloads if p.numel() >= HEADER_BYTES]
+    return bool(flags) and bool((torch.cat(flags) & FLAG_NONFINITE).any())
 
 
 def _sum_in_rank_order(payloads: list[torch.Tensor], numel: int, out: torch.Tensor) -> torch.Tensor:

@@ -229,6 +229,7 @@ class CompressionState:
         self._staged_step = -1
         self._step_nonfinite = False
         self._steps_agreed = False  # ranks compared their step before this state's first collective
+        self._comm_timeout: datetime.timedelta | None = None  # resolved when the own group is made
         self._cuda_streams: dict = {}
         if dist.is_available() and dist.is_initialized():
             self._bind_group()
@@ -266,7 +267,7 @@ class CompressionState:
     def _new_comm_group(self, group):
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
         whole = len(ranks) == dist.get_world_size()
-        timeout = self.timeout if self.timeout is not None else _group_timeout(group)
+        timeout = self._comm_timeout = self.timeout if self.timeout is not None else _group_timeout(group)
         # The whole world: every process calls (the usual path, torch's own counter names the
         # group). A sub-group: only its members build the state, so only they synchronise.
         return dist.new_group(ranks=None if whole else ranks, timeout=timeout,
@@ -396,10 +397,9 @@ class CompressionState:
                 self._reduce_step(buffer, index, step, last, layout)
                 fut.set_result(buffer)
         except BaseException as exc:  # surface in backward instead of hanging DDP
-            if self._failure is None and isinstance(exc, ValueError):  # a clear error already
+            if self._failure is None:
                 self._failure = exc
-            elif self._failure is None:
-                self._failure = exc
+            if exc is self._failure and not isinstance(exc, ValueError):  # ValueError: clear already
                 exc = RuntimeError(
                     f"gradcomp: reducing bucket {index} ({buffer.numel()} elements) of step {step} "
                     f"failed on rank {self.rank} of {self.world_size}: {type(exc).__name__}: {exc}. "
@@ -438,7 +438,7 @@ class CompressionState:
                 "one rank's compression state missing or from another run?), or all start afresh")
 
     def _timeout_text(self) -> str:
-        t = self.timeout if self.timeout is not None else _group_timeout(self.process_group)
+        t = self._comm_timeout
         where = "CompressionState(timeout=...)" if self.timeout is not None else \
             "that of the DDP process group; set it with CompressionState(timeout=...) or init_process_group(timeout=...)"
         return f"{t.total_seconds():g} s, {where}" if t is not None else where
