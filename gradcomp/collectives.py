@@ -54,6 +54,7 @@ import torch.distributed as dist
 from . import kernels
 from .codecs import HEADER_BYTES, Codec, CodecTag, HalfCodec, decode_payload, read_header
 from .codecs.base import FLAG_NONFINITE
+from .codecs.segments import split_segments
 from .codecs.sparse import sum_prune_payloads
 from .packing import packed_size
 from .quant import decode_table
@@ -245,7 +246,22 @@ def decode_mean(payloads: list[torch.Tensor], numel: int, out: torch.Tensor, div
     """
     if payloads and numel:
         headers = [read_header(p) for p in payloads]
-        if all(h.tag == CodecTag.FP and h.fmt is not None and not h.nonfinite for h in headers):
+        if all(h.tag == CodecTag.SEGMENTS for h in headers):
+            parts = [split_segments(p, h, numel) for p, h in zip(payloads, headers)]
+            sizes = [n for n, _ in parts[0]]
+            if all([n for n, _ in q] == sizes for q in parts[1:]):
+                # Same segmentation on every rank (the hook's): reduce segment by segment, so
+                # each keeps its fast path; the same sums in the same order as payload by payload.
+                offset = 0
+                for s, n in enumerate(sizes):
+                    if any(read_header(q[s][1]).tag == CodecTag.SEGMENTS for q in parts):
+                        raise ValueError("corrupt SEGMENTS payload: a segment is itself a SEGMENTS payload")
+                    decode_mean([q[s][1] for q in parts], n, out[offset:offset + n], divisor)
+                    offset += n
+                if any(h.nonfinite for h in headers):
+                    out.fill_(float("nan"))
+                return out
+        elif all(h.tag == CodecTag.FP and h.fmt is not None and not h.nonfinite for h in headers):
             sizes = [packed_size(numel, h.fmt.bits) for h in headers]
             if all(p.numel() >= HEADER_BYTES + s for p, s in zip(payloads, sizes)):
                 packed = [p[HEADER_BYTES:HEADER_BYTES + s] for p, s in zip(payloads, sizes)]
@@ -258,6 +274,7 @@ def decode_mean(payloads: list[torch.Tensor], numel: int, out: torch.Tensor, div
 
 
 Encoder = Callable[[int, int, int], torch.Tensor]  # (shard j, start, stop) -> payload of x[start:stop]
+FixedSize = Callable[[int, int], int]  # (start, stop) -> payload bytes of x[start:stop]
 
 
 def allreduce_mean(buffer: torch.Tensor, codec: Codec, group) -> ReduceStats:
@@ -278,16 +295,17 @@ def allreduce_mean(buffer: torch.Tensor, codec: Codec, group) -> ReduceStats:
 
 
 def allgather_mean(numel: int, out: torch.Tensor, encode: Encoder, group,
-                   fixed_size: Callable[[int], int] | None) -> ReduceStats:
+                   fixed_size: FixedSize | None) -> ReduceStats:
     """Write the mean over ranks into ``out``: all-gather every rank's payload of the whole bucket.
 
     ``encode(0, 0, numel)`` encodes this rank's bucket; every rank decodes the N payloads and
-    sums them in fp32 in rank order.
+    sums them in fp32 in rank order. ``fixed_size(0, numel)`` is the payload size of a
+    fixed-size codec (no size exchange), else ``fixed_size`` is ``None``.
     """
     transport = as_transport(group)
     n = transport.world_size
     payload = encode(0, 0, numel)
-    res = transport.all_gather(payload, [fixed_size(numel)] * n if fixed_size is not None else None)
+    res = transport.all_gather(payload, [fixed_size(0, numel)] * n if fixed_size is not None else None)
     decode_mean(res.received, numel, out, n)  # the payload is encoded: out is free
     return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=payload.numel(), messages=res.messages,
                        nonfinite=_any_flagged(res.received))
@@ -299,15 +317,15 @@ def two_phase_mean(
     encode: Encoder,
     reduce_encode: Callable[[torch.Tensor], torch.Tensor],
     group,
-    fixed_size: Callable[[int], int] | None,
-    reduce_fixed_size: Callable[[int], int] | None,
+    fixed_size: FixedSize | None,
+    reduce_fixed_size: FixedSize | None,
 ) -> ReduceStats:
     """Write the mean over ranks into ``out`` with the two-phase compressed all-reduce.
 
     ``encode(j, start, stop)`` encodes this rank's shard ``j`` for phase 1; ``reduce_encode(mean)``
-    re-encodes the mean of this rank's own shard for phase 2. ``fixed_size(numel)`` and
-    ``reduce_fixed_size(numel)`` give the payload sizes of fixed-size codecs (which skips a
-    size exchange), else ``None``. ``out`` may be the tensor ``encode`` reads: every shard is
+    re-encodes the mean of this rank's own shard for phase 2. ``fixed_size(start, stop)`` and
+    ``reduce_fixed_size(start, stop)`` give the payload sizes of the shard ``[start, stop)`` for
+    fixed-size codecs (which skips a size exchange), else they are ``None``. ``out`` may be the tensor ``encode`` reads: every shard is
     encoded before anything is written.
     """
     transport = as_transport(group)
@@ -315,14 +333,14 @@ def two_phase_mean(
     bounds = shard_bounds(numel, n)
     payloads = [encode(j, a, b) for j, (a, b) in enumerate(bounds)]
     own_numel = bounds[rank][1] - bounds[rank][0]
-    recv1 = [fixed_size(own_numel)] * n if fixed_size is not None else None
+    recv1 = [fixed_size(*bounds[rank])] * n if fixed_size is not None else None
     res1 = transport.all_to_all(payloads, recv1)
 
     mean = decode_mean(res1.received, own_numel,
                        torch.empty(own_numel, dtype=torch.float32, device=out.device), n)
     reduced = reduce_encode(mean)
 
-    recv2 = [reduce_fixed_size(b - a) for a, b in bounds] if reduce_fixed_size is not None else None
+    recv2 = [reduce_fixed_size(a, b) for a, b in bounds] if reduce_fixed_size is not None else None
     res2 = transport.all_gather(reduced, recv2)
     for (a, b), p in zip(bounds, res2.received):
         decode_payload(p, b - a, out=out[a:b])

@@ -10,8 +10,13 @@ What happens to one gradient bucket (``bucket.buffer()``, averaged in place):
 1. Warm-up (the first ``warmup_steps`` steps): plain fp32 all-reduce. DDP rebuilds its buckets
    after the first step, so per-bucket state is only meaningful from then on.
 2. With error feedback on the worker side, the residual of the previous step is added.
-3. Every ``refit_every`` steps each shard gets a fresh lognormal fit, and the codec turns it into
-   a plan (format, scale, threshold); in between the cached plan is reused.
+3. Every ``refit_every`` steps each shard gets fresh lognormal fits, and the codec turns each
+   into a plan (format, scale, threshold); in between the cached plans are reused. With
+   ``per_tensor=True`` (the default) a shard is cut at its tensors' boundaries (DDP's
+   ``bucket.parameters()``) and every tensor's part gets a fit and plan of its own, sent as one
+   SEGMENTS payload (:mod:`gradcomp.codecs.segments`): the tensors of a bucket differ in scale
+   by orders of magnitude, and one plan per shard lets the largest set the scale and the
+   threshold for all. Runs of parts under ``MIN_SEGMENT_NUMEL`` elements share one segment.
 4. The collective (:mod:`gradcomp.collectives`: two-phase, all-gather or all-reduce) runs on the
    state's worker thread, so backward keeps computing while buckets cross the network. One
    thread per state runs the buckets first-in first-out: DDP hands buckets over in the same
@@ -49,8 +54,8 @@ recorded on the caller's current stream at ``submit()``, runs on a side stream, 
 the future with that stream current, so DDP's consumers synchronise with it.
 
 Random draws use keys ``derive_key(seed, step, bucket_index, rank, shard, phase)``
-(:func:`gradcomp.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode), never the
-global RNG, so a run is reproducible and a resumed run continues exactly.
+(:func:`gradcomp.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode; segment ``s``
+of a SEGMENTS payload uses ``derive_key(that key, 3, s)``), never the global RNG, so a run is reproducible and a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -69,12 +74,16 @@ import torch.distributed as dist
 from . import kernels, lognormal
 from .codecs import Codec, decode_payload
 from .codecs.base import ShardFit, fit_or_none
-from .collectives import allgather_mean, allreduce_mean, as_transport, choose_collective, two_phase_mean
+from .codecs.segments import join_segments, segments_wire_bytes, split_points
+from .collectives import (allgather_mean, allreduce_mean, as_transport, choose_collective, shard_bounds,
+                          two_phase_mean)
 from .codecs.dense import IdentityCodec
 from .rng import derive_key
 
 ERROR_FEEDBACK = (False, True, "worker", "reduce")
-STATE_VERSION = 1
+STATE_VERSION = 2
+# Parts of a shard smaller than this (tiny tensors: a classifier's bias) share one segment.
+MIN_SEGMENT_NUMEL = 64
 
 
 def _check_int(value, name: str, lo: int) -> int:
@@ -174,6 +183,9 @@ class CompressionState:
         collective: ``"auto"`` (by the cost model), ``"two_phase"``, ``"allgather"``, or
             ``"allreduce"`` (summable codecs only).
         reduce_codec: codec for the two-phase re-encode; default ``codec.reduce_codec()``.
+        per_tensor: ``True`` (default): a fit and plan per tensor inside each shard (see the
+            module docstring, step 3); ``False``: one per shard (16 bytes less per tensor on the
+            wire, far larger errors on real models' buckets).
         timeout: seconds (or a ``timedelta``) after which a collective of the hook's own process
             group gives up (a stalled or stopped peer); default: the timeout of
             ``process_group`` itself (``init_process_group(timeout=...)``; torch's default is
@@ -197,6 +209,7 @@ class CompressionState:
         collective: str = "auto",
         reduce_codec: Codec | None = None,
         timeout: float | datetime.timedelta | None = None,
+        per_tensor: bool = True,
     ):
         # ---- settings
         if not isinstance(codec, Codec):
@@ -215,6 +228,9 @@ class CompressionState:
         self.seed = _check_int(seed, "seed", 0)
         self.collective_setting = collective
         self.timeout = _as_timeout(timeout)
+        if not isinstance(per_tensor, bool):
+            raise ValueError(f"per_tensor must be True or False, got {per_tensor!r}")
+        self.per_tensor = per_tensor
         # ---- internal
         self.process_group = process_group
         self._comm = None  # what the collectives run on: the state's own group (or a Transport)
@@ -234,7 +250,8 @@ class CompressionState:
         if dist.is_available() and dist.is_initialized():
             self._bind_group()
         self._param_keys: dict[int, int] = {}  # id(parameter) -> position in the model
-        self._fits: dict[tuple, lognormal.LognormalFit | None] = {}  # (bucket, phase, shard)
+        self._fits: dict[tuple, lognormal.LognormalFit | None] = {}  # (bucket, phase, shard, segment)
+        self._points: dict[tuple, list[int]] = {}  # (tensor sizes, start, stop) -> segment bounds
         self._plans: dict[tuple, Any] = {}
         self._residuals: dict[int, tuple[tuple, torch.Tensor]] = {}  # bucket -> (layout, flat)
         self._reduce_residuals: dict[int, tuple[tuple, torch.Tensor]] = {}
@@ -355,7 +372,7 @@ class CompressionState:
         if not self._bound and dist.is_available() and dist.is_initialized():
             self._bind_group()
         buffer, index, step, last = bucket.buffer(), bucket.index(), self.step, bucket.is_last()
-        layout = self._layout(bucket.parameters()) if self.worker_feedback else ()
+        layout = self._layout(bucket.parameters())
         if last:
             self.step += 1
         device = buffer.device
@@ -463,12 +480,62 @@ class CompressionState:
         self._staged.clear()
         self._staged_reduce.clear()
 
-    def _plan(self, codec: Codec, key: tuple, values: torch.Tensor, refit: bool) -> Any:
-        if refit or key not in self._plans:
-            fit = self._fits.get(key) if (not refit and key in self._fits) else fit_or_none(values)
-            self._fits[key] = fit
-            self._plans[key] = codec.plan(fit)
-        return self._plans[key]
+    def _shard_plans(self, codec: Codec, shard_key: tuple, shard: torch.Tensor, points: list[int],
+                     refit: bool) -> list:
+        """The cached plans of a shard's segments; refitted (and re-planned together) on ``refit``.
+
+        Keys are ``shard_key + (segment,)``. Without ``refit`` a missing plan (after
+        ``load_state_dict``) is rebuilt from the stored fits, so a resumed run encodes the same.
+        """
+        keys = [shard_key + (s,) for s in range(len(points) - 1)]
+        if refit or any(k not in self._plans for k in keys):
+            fits = []
+            for k, a, b in zip(keys, points, points[1:]):
+                if not codec.uses_fit:
+                    fit = None
+                elif not refit and k in self._fits:
+                    fit = self._fits[k]
+                else:
+                    fit = fit_or_none(shard[a:b])
+                self._fits[k] = fit
+                fits.append(fit)
+            plans = codec.plan_segments(fits, [b - a for a, b in zip(points, points[1:])])
+            self._plans.update(zip(keys, plans))
+        return [self._plans[k] for k in keys]
+
+    def _segment_points(self, layout: tuple, start: int, stop: int) -> list[int]:
+        """Segment boundaries of ``[start, stop)`` relative to ``start`` (one segment if not per tensor)."""
+        if not self.per_tensor or not layout:
+            return [0, stop - start]
+        numels = tuple(n for _, n in layout)
+        key = (numels, start, stop)
+        points = self._points.get(key)
+        if points is None:
+            points = split_points(numels, start, stop, MIN_SEGMENT_NUMEL)
+            self._points[key] = points = points if len(points) > 1 else [0, stop - start]
+        return points
+
+    def _encode_shard(self, codec: Codec, shard: torch.Tensor, points: list[int], shard_key: tuple,
+                      key: int, refit: bool) -> torch.Tensor:
+        """One payload of ``shard``: plain for one segment, SEGMENTS (a plan per segment) else."""
+        plans = self._shard_plans(codec, shard_key, shard, points, refit)
+        if len(plans) == 1:
+            return codec.encode(shard, key=key, plan=plans[0])
+        parts = [codec.encode(shard[a:b], key=derive_key(key, 3, s), plan=plan)
+                 for s, (a, b, plan) in enumerate(zip(points, points[1:], plans))]
+        return join_segments(parts, [b - a for a, b in zip(points, points[1:])])
+
+    def _fixed_size(self, codec: Codec, layout: tuple):
+        """``(start, stop) -> payload bytes`` for a fixed-size codec (no size exchange), else ``None``."""
+        if codec.wire_bytes(1) is None:
+            return None
+
+        def size(start: int, stop: int) -> int:
+            points = self._segment_points(layout, start, stop)
+            if len(points) <= 2:
+                return codec.wire_bytes(stop - start)
+            return segments_wire_bytes([codec.wire_bytes(b - a) for a, b in zip(points, points[1:])])
+        return size
 
     def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
         group, n = self._comm, self.world_size
@@ -487,8 +554,8 @@ class CompressionState:
 
         def encode(j: int, lo: int, hi: int) -> torch.Tensor:
             shard = x[lo:hi]
-            plan = self._plan(self.codec, (index, 1, j), shard, refit)
-            payload = self.codec.encode(shard, key=self._key(step, index, j, 1), plan=plan)
+            payload = self._encode_shard(self.codec, shard, self._segment_points(layout, lo, hi),
+                                         (index, 1, j), self._key(step, index, j, 1), refit)
             if feedback is not None:  # residual = what this payload failed to carry
                 seg = decode_payload(payload, hi - lo, out=feedback[lo:hi])
                 torch.sub(shard, seg, out=seg)
@@ -497,8 +564,9 @@ class CompressionState:
         def reduce_encode(mean: torch.Tensor) -> torch.Tensor:
             if self.reduce_feedback:
                 mean = mean + self._reduce_residual_for(index, mean)
-            plan = self._plan(self.reduce_codec, (index, 2, self.rank), mean, refit)
-            payload = self.reduce_codec.encode(mean, key=self._key(step, index, self.rank, 2), plan=plan)
+            lo, hi = shard_bounds(x.numel(), n)[self.rank]
+            payload = self._encode_shard(self.reduce_codec, mean, self._segment_points(layout, lo, hi),
+                                         (index, 2, self.rank), self._key(step, index, self.rank, 2), refit)
             if self.reduce_feedback:
                 res = mean - decode_payload(payload, mean.numel())
                 self._staged_reduce[index] = ((n, buffer.numel()), res)
@@ -506,10 +574,11 @@ class CompressionState:
 
         out = buffer if buffer.dtype == torch.float32 else torch.empty_like(x)
         if self.collective == "allgather":
-            rs = allgather_mean(x.numel(), out, encode, group, _fixed(self.codec))
+            rs = allgather_mean(x.numel(), out, encode, group, self._fixed_size(self.codec, layout))
         else:
             rs = two_phase_mean(x.numel(), out, encode, reduce_encode, group,
-                                _fixed(self.codec), _fixed(self.reduce_codec))
+                                self._fixed_size(self.codec, layout),
+                                self._fixed_size(self.reduce_codec, layout))
         if out is not buffer:
             buffer.copy_(out)
         if rs.nonfinite:
@@ -555,14 +624,26 @@ class CompressionState:
             info = {"numel": numel, "collective": collective, "bytes_sent": rs.bytes_sent,
                     "payload_bytes": rs.payload_bytes, "messages": rs.messages}
             if compressed:
-                info["phase1"] = self.codec.describe(self._plans.get((index, 1, self.rank if collective == "two_phase" else 0)))
+                info["phase1"] = self._describe(self.codec, (index, 1, self.rank if collective == "two_phase" else 0))
                 if collective == "two_phase":
-                    info["phase2"] = self.reduce_codec.describe(self._plans.get((index, 2, self.rank)))
+                    info["phase2"] = self._describe(self.reduce_codec, (index, 2, self.rank))
                     info["reduce_payload_bytes"] = rs.reduce_payload_bytes
                     info["shard_payload_bytes"] = list(rs.shard_payload_bytes)
             st.buckets[index] = info
 
     # ------------------------------------------------------------------ public API
+    def _describe(self, codec: Codec, shard: tuple) -> dict:
+        """The codec's summary of a shard's plan: its first segment's, with the segment count and
+        every segment's format when there are several."""
+        plans = []
+        while (plan_key := shard + (len(plans),)) in self._plans:
+            plans.append(self._plans[plan_key])
+        info = codec.describe(plans[0] if plans else None)
+        if len(plans) > 1:
+            info["segments"] = len(plans)
+            info["formats"] = sorted({str(codec.describe(p).get("format")) for p in plans})
+        return info
+
     def stats(self) -> dict:
         """Cumulative wire statistics of this rank.
 
@@ -594,7 +675,7 @@ class CompressionState:
         return {"codec": repr(self.codec), "reduce_codec": repr(self.reduce_codec),
                 "error_feedback": str(self.error_feedback), "warmup_steps": self.warmup_steps,
                 "refit_every": self.refit_every, "seed": self.seed,
-                "collective": self.collective_setting}
+                "collective": self.collective_setting, "per_tensor": self.per_tensor}
 
     def state_dict(self) -> dict:
         """Checkpointable state: step, fits, residuals (by parameter position), statistics."""
@@ -612,8 +693,8 @@ class CompressionState:
         if self.worker_feedback and self._residuals and not self._param_keys:
             warnings.warn("gradcomp: error-feedback residuals are not saved because the state does "
                           "not know the model's parameters; use gradcomp.register() or bind_model()")
-        fits = {f"{b}/{p}/{s}": [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf)]
-                if f is not None else [] for (b, p, s), f in self._fits.items()}
+        fits = {"/".join(str(int(t)) for t in key): [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf)]
+                if f is not None else [] for key, f in self._fits.items()}
         reduce_res = {int(b): t.clone() for b, ((_, _), t) in self._reduce_residuals.items()}
         st = self._stats
         return {
@@ -631,6 +712,11 @@ class CompressionState:
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore :meth:`state_dict`; the configuration must match this state's."""
+        if isinstance(sd, dict) and sd.get("version") == 1:
+            raise ValueError(
+                "this CompressionState state_dict (version 1) was saved by an older gradcomp, whose "
+                "plans were one per shard; its fits do not apply to per-tensor plans (version 2). "
+                "Start the compression state afresh (the model and optimizer checkpoint are unaffected)")
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
             raise ValueError(f"not a gradcomp CompressionState state_dict of version {STATE_VERSION}")
         if sd["config"] != self._config():
@@ -641,11 +727,11 @@ class CompressionState:
         self._fits.clear()
         self._plans.clear()
         for k, v in sd["fits"].items():
-            b, p, s = (int(t) for t in k.split("/"))
-            self._fits[(b, p, s)] = ShardFit(v[0], v[1], int(v[2]), v[3]) if v else None
-        for key, fit in self._fits.items():
-            codec = self.codec if key[1] == 1 else self.reduce_codec
-            self._plans[key] = codec.plan(fit)
+            key = tuple(int(t) for t in k.split("/"))
+            if len(key) != 4:
+                raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment")
+            self._fits[key] = ShardFit(v[0], v[1], int(v[2]), v[3]) if v else None
+        # Plans are rebuilt at each key's first use (the segment's element count is needed).
         self._residuals.clear()
         self._staged.clear()
         self._staged_reduce.clear()
@@ -666,10 +752,6 @@ class CompressionState:
 
 def _bucket_value(fut: torch.futures.Future) -> torch.Tensor:
     return fut.value()  # re-raises the worker's exception inside then(): DDP reports it as an error
-
-
-def _fixed(codec: Codec):
-    return codec.wire_bytes if codec.wire_bytes(1) is not None else None
 
 
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future:

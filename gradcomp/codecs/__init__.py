@@ -14,6 +14,7 @@ from .dense import (FPCodec, FPPlan, HalfCodec, IdentityCodec, _decode_fp, _deco
                     _decode_identity)
 from .budget import BudgetCodec, BudgetPlan, fp_nmse, prune_fp_nmse, pruning_nmse
 from .sparse import PruneCodec, PruneFPCodec, PrunePlan, TopKCodec, _decode_prune, _decode_topk
+from .segments import join_segments, split_segments
 
 _DECODERS = {
     CodecTag.IDENTITY: _decode_identity,
@@ -23,6 +24,21 @@ _DECODERS = {
     CodecTag.PRUNE_FP: _decode_prune,
     CodecTag.TOPK: _decode_topk,
 }
+
+
+def _decode_segments(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+    """SEGMENTS: each segment decodes as its own payload into its slice (no nested SEGMENTS)."""
+    offset = 0
+    for n, sub in split_segments(payload, header, numel):
+        sub_header = read_header(sub)
+        if sub_header.tag == CodecTag.SEGMENTS:
+            raise ValueError("corrupt SEGMENTS payload: a segment is itself a SEGMENTS payload")
+        _DECODERS[sub_header.tag](sub, sub_header, n, out[offset:offset + n])
+        nan_fill_if(sub_header.nonfinite, out[offset:offset + n])
+        offset += n
+
+
+_DECODERS[CodecTag.SEGMENTS] = _decode_segments
 
 
 def decode_payload(payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,5 +67,5 @@ __all__ = [
     "BudgetCodec", "BudgetPlan", "fp_nmse", "prune_fp_nmse", "pruning_nmse",
     "Codec", "CodecTag", "FPCodec", "FPPlan", "HEADER_BYTES", "HalfCodec", "Header",
     "IdentityCodec", "decode_payload", "read_header",
-    "PruneCodec", "PruneFPCodec", "PrunePlan", "TopKCodec",
+    "PruneCodec", "PruneFPCodec", "PrunePlan", "TopKCodec", "join_segments", "split_segments",
 ]

@@ -27,6 +27,7 @@ import abc
 import enum
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +47,7 @@ class CodecTag(enum.IntEnum):
     PRUNE = 4
     PRUNE_FP = 5
     TOPK = 6
+    SEGMENTS = 7  # a shard in segments, one payload each (gradcomp.codecs.segments)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,13 @@ class ShardFit(lognormal.LognormalFit):
     max_abs: float = math.inf
 
 
+def check_plan_numel(numel: int | None) -> int | None:
+    """Validate the ``numel`` argument of :meth:`Codec.plan`: ``None`` or a non-negative int."""
+    if numel is not None and (isinstance(numel, bool) or not isinstance(numel, int) or numel < 0):
+        raise ValueError(f"plan: numel must be a non-negative int or None, got {numel!r}")
+    return numel
+
+
 def fit_or_none(x: torch.Tensor) -> ShardFit | None:
     """Lognormal fit of ``x`` with its largest finite ``|x|``; ``None`` when no entry is nonzero and finite."""
     try:
@@ -143,9 +152,24 @@ class Codec(abc.ABC):
     stochastic: bool = False
     uses_fit: ClassVar[bool] = False
 
-    def plan(self, fit: lognormal.LognormalFit | None) -> Any:
-        """Return what :meth:`encode` derives from a lognormal fit (cacheable between steps)."""
+    def plan(self, fit: lognormal.LognormalFit | None, numel: int | None = None) -> Any:
+        """Return what :meth:`encode` derives from a lognormal fit (cacheable between steps).
+
+        ``fit`` is the fit of the shard's nonzero finite entries (``None``: it has none) and
+        ``numel`` the shard's element count, so ``1 - fit.count / numel`` is its share of exact
+        zeros (``numel=None``: taken as ``fit.count``, no exact zeros). The plan is valid for
+        any shard of ``numel`` elements (encode re-checks whatever the data could violate).
+        """
         return None
+
+    def plan_segments(self, fits: Sequence[lognormal.LognormalFit | None], numels: Sequence[int]) -> list:
+        """Plans for the segments of one shard, sent together as one SEGMENTS payload.
+
+        ``fits[s]`` and ``numels[s]`` describe segment ``s`` as in :meth:`plan`. Default: each
+        segment planned alone. A codec whose plans spend a shared resource (a bit budget)
+        overrides this to divide it among the segments.
+        """
+        return [self.plan(f, n) for f, n in zip(fits, numels)]
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor, *, key: int = 0, plan: Any = None) -> torch.Tensor:

@@ -62,7 +62,7 @@ from .. import lognormal
 from ..formats import FPFormat
 from .base import HEADER_BYTES, Codec, check_shard, fit_or_none
 from .dense import FPCodec, FPPlan, IdentityCodec, min_scale_exp
-from .sparse import PruneCodec, PruneFPCodec, PrunePlan, prune_fp_wire_bits
+from .sparse import PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, prune_fp_wire_bits
 
 __all__ = ["BudgetCodec", "BudgetPlan", "MIN_BUDGET_BITS", "pruning_nmse", "fp_nmse", "prune_fp_nmse"]
 
@@ -958,6 +958,27 @@ class BudgetCodec(Codec):
         amax = _shard_max(fit)
         choice, ok = _search(fit.mu, fit.sigma, budget, n, usable, self.rounding, amax)
         return self._finish(choice, ok, fit, n, usable, amax)
+
+    def plan_segments(self, fits, numels) -> list[BudgetPlan]:
+        """Plans for the segments of one SEGMENTS payload that together meet the budget.
+
+        The payload's fixed bytes -- its header, count and table (``12 + 8 S``) and each
+        segment's own header and fixed fields (charged here at the sparse layouts' 25 bytes)
+        -- are paid from the whole shard's budget: segment ``s`` is planned at ``b_eff + 8 *
+        25 / numel_s`` bits per element, ``b_eff = b - 8 (12 + 33 S) / sum(numel)``, so a small
+        tensor still affords its header. Where ``b_eff`` would fall below
+        :data:`MIN_BUDGET_BITS` (a tiny shard of many tensors) every segment is planned at ``b``
+        alone (then the shard exceeds the budget by its fixed bytes).
+        """
+        if len(numels) <= 1:
+            return [self.plan(f, n) for f, n in zip(fits, numels)]
+        total = sum(numels)
+        fixed = HEADER_BYTES + PRUNE_FIXED_BYTES
+        b_eff = self.bits_per_element - 8.0 * (12 + (8 + fixed) * len(numels)) / max(total, 1)
+        if not b_eff >= MIN_BUDGET_BITS:
+            return [self.plan(f, n) for f, n in zip(fits, numels)]
+        return [BudgetCodec(b_eff + 8.0 * fixed / n, self.rounding).plan(f, n) if n else self.plan(f, n)
+                for f, n in zip(fits, numels)]
 
     def _finish(self, c: _Choice, ok: bool, fit, n: int, usable: float, amax: float) -> BudgetPlan:
         mu, s = fit.mu, max(fit.sigma, _MIN_SIGMA)

@@ -11,7 +11,7 @@ from .. import kernels, lognormal
 from ..formats import FPFormat
 from ..packing import pack_unchecked, packed_size, unpack
 from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
-from .base import (HEADER_BYTES, Codec, CodecTag, Header, check_shard, fit_or_none,
+from .base import (HEADER_BYTES, Codec, CodecTag, Header, check_plan_numel, check_shard, fit_or_none,
                    make_header)
 
 
@@ -275,13 +275,15 @@ class FPCodec(Codec):
         self.criterion = criterion
         self.stochastic = rounding == "stochastic"
 
-    def plan(self, fit: lognormal.LognormalFit | None) -> FPPlan:
+    def plan(self, fit: lognormal.LognormalFit | None, numel: int | None = None) -> FPPlan:
+        """Format and scale for ``fit`` (exact zeros code as zero at any plan: ``numel`` unused)."""
+        check_plan_numel(numel)
         return fp_plan(self.bits, self.exp_bits, self.rounding, fit, self.criterion)
 
     def encode(self, x: torch.Tensor, *, key: int = 0, plan: FPPlan | None = None) -> torch.Tensor:
         xs = check_shard(x, "FPCodec.encode")
         if plan is None:
-            plan = self.plan(fit_or_none(xs))
+            plan = self.plan(fit_or_none(xs), xs.numel())
         fast = (kernels.encode_pack_with_stats(xs, plan.fmt, self.stochastic, key, plan.scale_exp,
                                                HEADER_BYTES) if xs.numel() else None)
         if fast is not None:
