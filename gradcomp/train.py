@@ -47,7 +47,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import torch
 import torch.distributed as dist
@@ -910,7 +910,8 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 
 def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] | None = None,
-          resume_from: str | os.PathLike | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+          resume_from: str | os.PathLike | None = None, on_step: Callable[[int], None] | None = None,
+          progress_stream: TextIO | None = None) -> dict:
     """Train per ``config``; return the run's results (same dict on every rank).
 
     ``reporter(metrics, checkpoint_dir_or_None)`` is called on every rank at each checkpoint and
@@ -918,6 +919,8 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
     checkpoint directory (a ``step-*`` directory or a ``checkpoint_dir``) to start from;
     ``config.resume`` resumes from ``config.checkpoint_dir/latest`` when it exists.
     ``on_step(step)`` runs after every optimizer step (fault injection in tests, custom logging).
+    ``progress_stream`` is where rank 0 draws the progress bar (default ``sys.stderr``; the Ray
+    launcher passes a relay that the driver redraws).
 
     Resuming is all or nothing, and every rank resumes from the same point. Each rank reads and
     validates its files first (:func:`read_checkpoint`: ``model.pt`` and its own
@@ -1033,7 +1036,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=progress["step"], desc=f"{config.model}/{config.codec}",
-                       unit="step", mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+                       unit="step", mininterval=1.0, file=progress_stream or sys.stderr, dynamic_ncols=True)
 
         def checkpoint() -> Path | None:
             if ckpt_root is None:
