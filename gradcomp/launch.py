@@ -60,6 +60,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, TextIO
 
 from .train import CODECS, TRANSPORTS, TrainConfig
 
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("compression")
     c.add_argument("--codec", choices=CODECS, default="prune-fp")
     c.add_argument("--bits", type=_positive_int, default=6, help="FP bits (fp, prune-fp)")
-    c.add_argument("--exp-bits", type=_positive_int, default=None, help="fix the exponent bits (default: lognormal split)")
+    c.add_argument("--exp-bits", type=_positive_int, default=None,
+                   help="fix the exponent bits (default: lognormal split)")
     c.add_argument("--sparsity", type=_finite_float, default=0.85, help="pruning sparsity (prune, prune-fp)")
     c.add_argument("--budget-bits", type=_finite_float, default=1.5, help="bits per element (budget)")
     c.add_argument("--topk-ratio", type=_finite_float, default=0.01, help="fraction kept (topk)")
@@ -173,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true",
                    help="start over in an OUTPUT that holds a previous run (deletes its checkpoints, "
                         "Ray state, results.json and metrics.jsonl)")
-    r.add_argument("--checkpoint-every", type=_nonneg_int, default=50, help="steps between checkpoints (0: epochs only)")
+    r.add_argument("--checkpoint-every", type=_nonneg_int, default=50,
+                   help="steps between checkpoints (0: epochs only)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     # Testing fault tolerance: worker RANK SIGKILLs itself at STEP on the first attempt.
     r.add_argument("--inject-fault", type=_fault_spec, default=None, metavar="RANK:STEP", help=argparse.SUPPRESS)
@@ -343,10 +346,11 @@ def probe_address(address: str, timeout: float) -> None:
     within ``timeout`` seconds whether anything listens there. ``auto`` is left to Ray.
     """
     kind, host, port = parse_address(address)
-    if kind == "auto":
+    if kind == "auto" or host is None or port is None:  # "auto": no host or port, left to Ray
         return
     what = "Ray client server" if kind == "client" else "Ray GCS"
-    default = f"{RAY_CLIENT_PORT} for ray://" if kind == "client" else "6379 unless `ray start --head --port` said otherwise"
+    default = (f"{RAY_CLIENT_PORT} for ray://" if kind == "client"
+               else "6379 unless `ray start --head --port` said otherwise")
     hint = (f"check that the Ray head runs there (`ray status --address {host}:{port}` on the head), that "
             f"{port} is its {what} port ({default}), and that no firewall drops the connection")
     deadline = time.monotonic() + timeout
@@ -364,10 +368,11 @@ def probe_address(address: str, timeout: float) -> None:
             try:
                 s.connect(sockaddr)
                 return
-            except socket.timeout:
+            except TimeoutError:
                 last = f"no answer within {timeout:g} s"
             except OSError as e:
-                last = "connection refused, nothing listens there" if e.errno == errno.ECONNREFUSED else str(e.strerror or e)
+                last = ("connection refused, nothing listens there" if e.errno == errno.ECONNREFUSED
+                        else str(e.strerror or e))
     raise ClusterUnreachable(f"--address {address}: cannot reach the {what} at {host}:{port} "
                              f"({last or f'no answer within {timeout:g} s'}); {hint}")
 
@@ -425,7 +430,8 @@ def _scratch_dir(payload: dict) -> str | None:
     try:
         import ray
 
-        return ray._private.worker._global_node.get_session_dir_path()
+        node = getattr(ray._private.worker, "_global_node", None)
+        return None if node is None else node.get_session_dir_path()
     except Exception:  # pragma: no cover - private API moved: the system temp dir
         return None
 
@@ -594,7 +600,7 @@ class _node_ip_loopback:
     def __exit__(self, *exc):
         self.env.__exit__(*exc)
         if self.old is not None:
-            self.rc.ENABLE_RAY_CLUSTER = self.old
+            setattr(self.rc, "ENABLE_RAY_CLUSTER", self.old)  # noqa: B010 (a private constant of Ray's)
         return False
 
 
@@ -615,9 +621,9 @@ class _RayOutput:
         self.terminal = terminal if terminal is not None else sys.stderr
         self._lock = threading.Lock()
         self._bar_open = False
-        self._file = None
+        self._file: TextIO | None = None
         self._saved: tuple | None = None
-        self._dispatcher = None
+        self._dispatcher: Any = None
 
     def __enter__(self) -> _RayOutput:
         import logging
@@ -839,7 +845,7 @@ def _ray_run_name(output: Path, resume: bool) -> str:
 
 def _placement_failure(e: BaseException) -> bool:
     seen = set()
-    stack = [e]
+    stack: list[BaseException | None] = [e]
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
@@ -924,13 +930,16 @@ def run(args: argparse.Namespace, output: Path) -> dict:
 
                 scaling = ScalingConfig(
                     num_workers=args.workers, use_gpu=bool(args.gpus_per_worker), placement_strategy=args.placement,
-                    resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.gpus_per_worker else {})})
+                    resources_per_worker={"CPU": args.cpus_per_worker,
+                                          **({"GPU": args.gpus_per_worker} if args.gpus_per_worker else {})})
                 try:  # Ray Train v2: a worker group that cannot be placed counts against max_failures too
-                    failure = FailureConfig(max_failures=args.max_failures, controller_failure_limit=args.max_failures)
+                    failure = FailureConfig(max_failures=args.max_failures,  # type: ignore[call-arg]  # v1 stubs
+                                            controller_failure_limit=args.max_failures)
                 except TypeError:  # pragma: no cover - Ray Train v1
                     failure = FailureConfig(max_failures=args.max_failures)
                 run_config = RunConfig(
-                    name=_ray_run_name(output, args.resume), storage_path=str((output / "ray").resolve()), failure_config=failure,
+                    name=_ray_run_name(output, args.resume), storage_path=str((output / "ray").resolve()),
+                    failure_config=failure,
                     checkpoint_config=CheckpointConfig(num_to_keep=2))
                 timeout_s = max(1, math.ceil(args.timeout))  # the process group's timeout (Ray takes whole seconds)
                 if args.address:
@@ -953,8 +962,9 @@ def run(args: argparse.Namespace, output: Path) -> dict:
         finally:
             _cleanup(ray, temp_root, before)
     result = dict(result)
-    result.update({"config": config.to_dict(), "launcher": {"workers": args.workers, "address": args.address or "embedded",
-                                                            "job_wall_seconds": time.perf_counter() - t0, **ray_info},
+    result.update({"config": config.to_dict(),
+                   "launcher": {"workers": args.workers, "address": args.address or "embedded",
+                                "job_wall_seconds": time.perf_counter() - t0, **ray_info},
                    "environment": environment()})
     tmp = output / ".results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str))
@@ -996,7 +1006,8 @@ def format_table(result: dict) -> str:
         ("steps", str(result["steps"])),
         ("bytes sent per step (per rank)", f"{result['bytes_sent_per_step']:,.0f} ({result.get('bytes_source')})"),
         ("bits per element", "-" if bpe is None else f"{bpe:.3f}"),
-        ("step time p50 / p90", f"{1e3 * (result['step_time_p50'] or 0):.1f} / {1e3 * (result['step_time_p90'] or 0):.1f} ms"),
+        ("step time p50 / p90",
+         f"{1e3 * (result['step_time_p50'] or 0):.1f} / {1e3 * (result['step_time_p90'] or 0):.1f} ms"),
         ("training wall time", f"{result['wall_seconds']:.1f} s"),
         ("restarts", f"{result['restarts']}" + (f" (resumed from step {result['resumed_from_step']})"
                                                   if result.get("resumed_from_step") is not None else "")),
