@@ -624,6 +624,7 @@ class _RayOutput:
         self._file: TextIO | None = None
         self._saved: tuple | None = None
         self._dispatcher: Any = None
+        self._autoscaler_events: Any = None
 
     def __enter__(self) -> _RayOutput:
         import logging
@@ -647,6 +648,7 @@ class _RayOutput:
             from ray._private import worker as ray_worker
 
             dispatcher = ray_worker.global_worker_stdstream_dispatcher
+            self._autoscaler_events = getattr(ray_worker, "filter_autoscaler_events", None)
             dispatcher.remove_handler("ray_print_logs")
             dispatcher.add_handler("gradcomp_ray_output", self.handle)
         except (ImportError, AttributeError):  # pragma: no cover - Ray moved it
@@ -671,8 +673,11 @@ class _RayOutput:
         ``ip``, ``actor_name`` or ``task_name``)."""
         name = data.get("actor_name") or data.get("task_name") or ""
         prefix = f"({name + ' ' if name else ''}pid={data.get('pid')}, ip={data.get('ip')}) "
+        lines = data.get("lines", ())
+        if data.get("pid") == "autoscaler" and self._autoscaler_events is not None:
+            lines = list(self._autoscaler_events(lines))  # as Ray prints: its events, not a status every 5 s
         with self._lock:
-            for line in data.get("lines", ()):
+            for line in lines:
                 if line.startswith(PROGRESS_MARK):
                     self._draw(line[len(PROGRESS_MARK):])
                 elif self._file is not None:
