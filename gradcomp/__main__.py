@@ -39,9 +39,9 @@ def demo(numel: int, bits: int, mu: float, sigma: float, sparsity: float, seed: 
 
     results = {}
     for rounding in ("nearest", "stochastic"):
-        kw = {"key": derive_key(seed, 1)} if rounding == "stochastic" else {}
+        key = derive_key(seed, 1) if rounding == "stochastic" else None
         scaled = x * 2.0**-k  # exact: a power of two
-        packed = pack(encode(scaled, fmt, rounding, **kw), fmt.bits)
+        packed = pack(encode(scaled, fmt, rounding, key=key), fmt.bits)
         xq = decode(unpack(packed, fmt.bits, numel), fmt) * 2.0**k
         nz = x != 0
         rel = ((xq[nz].double() - x[nz].double()).abs() / x[nz].double().abs()).mean().item()

@@ -58,14 +58,17 @@ def _init_process_group(backend: str, rank: int, world_size: int, port: int, tim
 
 
 class LoopbackTorchBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config: "LoopbackTorchConfig"):
+    def on_start(self, worker_group, backend_config: TorchConfig):  # type: ignore[override]  # as _TorchBackend
         resources = worker_group.get_resources_per_worker()
         backend = backend_config.backend or ("nccl" if resources.get("GPU", 0) > 0 else "gloo")
+        v1_group: tuple[type, ...]
         try:
             from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+
+            v1_group = (V1WorkerGroup,)
         except ImportError:  # pragma: no cover
-            V1WorkerGroup = ()
-        if not isinstance(worker_group, V1WorkerGroup):
+            v1_group = ()
+        if not isinstance(worker_group, v1_group):
             worker_group.execute(_set_torch_distributed_env_vars)
         port = worker_group.execute_single(0, _listen_on_loopback)
         ray.get([worker_group.execute_single_async(i, _init_process_group, backend, i, len(worker_group), port,

@@ -217,7 +217,7 @@ def run(config: AnalyzeConfig, bundle, model: nn.Module, *, log=None) -> tuple[d
             handles = []
             if collect:
                 for idx, (name, layer) in enumerate(layers):
-                    def hook(mod, grad_input, grad_output, name=name, idx=idx):
+                    def hook(mod, grad_input, grad_output, name=name, idx=idx, neural=neural, step=step):
                         # Subsample inside the hook: keeps only `samples` values per layer.
                         neural[name] = lognormal.subsample(
                             grad_output[0], config.samples, seed=derive_key(config.seed, step, idx, 1) >> 32)

@@ -45,8 +45,8 @@ group: :class:`TorchTransport`, the DDP hook's path) or a :class:`Transport` ins
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -261,12 +261,13 @@ def decode_mean(payloads: list[torch.Tensor], numel: int, out: torch.Tensor, div
                 if any(h.nonfinite for h in headers):
                     out.fill_(float("nan"))
                 return out
-        elif all(h.tag == CodecTag.FP and h.fmt is not None and not h.nonfinite for h in headers):
-            sizes = [packed_size(numel, h.fmt.bits) for h in headers]
+        fmts = [h.fmt for h in headers if h.tag == CodecTag.FP and h.fmt is not None and not h.nonfinite]
+        if len(fmts) == len(headers):
+            sizes = [packed_size(numel, f.bits) for f in fmts]
             if all(p.numel() >= HEADER_BYTES + s for p, s in zip(payloads, sizes)):
                 packed = [p[HEADER_BYTES:HEADER_BYTES + s] for p, s in zip(payloads, sizes)]
-                tables = [decode_table(h.fmt, p.device, h.scale_exp) for h, p in zip(headers, payloads)]
-                if kernels.decode_mean(packed, tables, [h.fmt.bits for h in headers], divisor, out):
+                tables = [decode_table(f, p.device, h.scale_exp) for f, h, p in zip(fmts, headers, payloads)]
+                if kernels.decode_mean(packed, tables, [f.bits for f in fmts], divisor, out):
                     return out
         elif sum_prune_payloads(payloads, headers, numel, out):
             return out.div_(divisor)

@@ -47,7 +47,9 @@ class FPFormat:
 
     exp_bits: int
     man_bits: int
-    bias: int | None = field(default=None)
+    # Passing None (the default) means the default bias; __post_init__ replaces it, so every
+    # constructed FPFormat holds an int (what the annotation tells type checkers).
+    bias: int = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         for name in ("exp_bits", "man_bits"):
@@ -161,7 +163,7 @@ class FPFormat:
         return self.name
 
     @classmethod
-    def from_name(cls, name: str) -> "FPFormat":
+    def from_name(cls, name: str) -> FPFormat:
         """Parse ``"e3m2"``, ``"float6_e3m2fn"`` or either with a ``_b{bias}`` suffix.
 
         Example:
@@ -188,4 +190,4 @@ class FPFormat:
                 raise ValueError(
                     f"{name!r}: float{match['bits']} does not match e{e}m{m}, which has {1 + e + m} bits"
                 )
-        return cls(e, m, bias)
+        return cls(e, m) if bias is None else cls(e, m, bias)

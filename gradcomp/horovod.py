@@ -38,13 +38,13 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .codecs import Codec
 from .codecs.dense import IdentityCodec
@@ -328,7 +328,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._ready: list[int] = []  # parameter positions in gradient-ready order (first step)
         self._ready_set: set[int] = set()
         index_of = {id(p): i for i, p in enumerate(self._params)}
-        self._hooks = [p.register_post_accumulate_grad_hook(lambda p, i=index_of[id(p)]: self._mark_ready(i))
+        self._hooks = [p.register_post_accumulate_grad_hook(
+                           lambda p, i=index_of[id(p)]: self._mark_ready(i))  # noqa: B008 (binds p's position)
                        for p in self._params]
         self._synchronized = False
 

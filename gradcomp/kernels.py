@@ -14,10 +14,22 @@ callers check payload lengths and counts first, so a malformed payload raises th
 ``ValueError`` message whether the kernels are used or not.
 
 They are built with ``torch.utils.cpp_extension`` the first time they are needed (about a
-minute; announced on stderr, then cached in ``~/.cache/torch_extensions`` under a name that
-hashes the sources and this CPU's instruction-set flags, since ``-march=native`` code must not
-run on another CPU); call :func:`warmup` at start-up to pay that before training. Results are
-bit-identical to the eager path (``tests/unit/test_kernels.py``, ``tests/unit/test_codec_kernels.py``).
+minute, announced on stderr only when a compiler runs); call :func:`warmup` at start-up to pay
+that before training. Results are bit-identical to the eager path (``tests/unit/test_kernels.py``,
+``tests/unit/test_codec_kernels.py``).
+
+The build cache (:func:`cache_dir`) is shared by every Python environment of the user: one
+folder per *key* (:func:`build_key`), a hash of everything the binary depends on -- the torch
+version and build (git revision, C++ ABI), the Python version, the compiler and its version,
+the compile and link flags, this CPU's instruction-set flags (``-march=native`` code must not
+run on another CPU) and the sources. Two environments with the same key load the same build;
+a different torch, compiler or flag set builds its own folder. A file lock (``<key>.lock``)
+serialises building and loading: a second process waits for the first's build and then loads
+it without compiling; a build counts as finished only once ``<key>/COMPLETE`` is written, so a
+build that was killed halfway is redone, not loaded.
+
+``GRADCOMP_KERNEL_CACHE`` sets the cache folder (default ``$TORCH_EXTENSIONS_DIR/gradcomp`` when
+that is set, else ``$XDG_CACHE_HOME/gradcomp/kernels``, ``~/.cache`` without XDG).
 
 ``GRADCOMP_KERNELS`` selects: ``auto`` (default: native where it applies and builds, eager
 otherwise), ``native`` (fail if it cannot build), ``eager`` (never build).
@@ -27,13 +39,20 @@ otherwise), ``native`` (fail if it cannot build), ``eager`` (never build).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
+import platform
 import struct
+import subprocess
 import sys
+import sysconfig
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -46,6 +65,8 @@ _SOURCES = ("fpcodec.cpp", "sparse.cpp", "module.cpp")
 # default 256-bit vectors leave half the throughput unused (FP6 stochastic encode: 1.6 -> 3.8
 # GB/s, one thread). -ffp-contract=off: no fused multiply-add may change a float32 result.
 _CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+_COMPLETE = "COMPLETE"  # written into a build folder once its module has loaded
 
 
 def kernel_mode() -> str:
@@ -79,44 +100,124 @@ def _sanitize_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return ("-fsanitize=address", "-fno-omit-frame-pointer", "-g"), ("-fsanitize=address",)
 
 
-def _build_name() -> str:
-    """Extension name: a hash of the sources, the flags and this CPU's instruction-set flags."""
-    h = hashlib.sha256(_cpu_flags().encode())
-    h.update(" ".join(_CFLAGS + _sanitize_flags()[0]).encode())
-    for p in sorted(_CSRC.iterdir()):
-        if p.suffix in (".cpp", ".h"):
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
-    return "gradcomp_codecs_" + h.hexdigest()[:12]
-
-
-def _is_built(cpp_extension, name: str) -> bool:
-    """Whether torch's extension cache already holds this build (then loading takes milliseconds)."""
+def _compiler() -> str:
+    """The C++ compiler ``torch.utils.cpp_extension`` runs (``$CXX``, else ``c++``) and its
+    version line; ``"<name>: not found"`` when it does not run."""
+    cxx = os.environ.get("CXX", "c++")
     try:
-        directory = Path(cpp_extension._get_build_directory(name, verbose=False))
-    except Exception:  # a private helper of torch: if it moves, just announce every load
-        return False
-    return (directory / f"{name}.so").is_file()
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        version = (out.stdout or out.stderr).strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return f"{cxx}: not found"
+    return f"{cxx}: {version[0] if version else 'unknown version'}"
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+
+
+def build_key_parts() -> dict[str, str]:
+    """Everything the built binary depends on, by name (what :func:`build_key` hashes)."""
+    cflags, ldflags = _sanitize_flags()
+    h = hashlib.sha256()
+    for p in _sources():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return {
+        "torch": f"{torch.__version__} {getattr(torch.version, 'git_version', '')} "
+                 f"cxx11abi={int(torch.compiled_with_cxx11_abi())}",
+        "python": f"{sys.implementation.cache_tag} {sysconfig.get_config_var('SOABI') or ''}",
+        "platform": f"{sys.platform} {platform.machine()}",
+        "compiler": _compiler(),
+        "cflags": " ".join(_CFLAGS + cflags),
+        "ldflags": " ".join(_LDFLAGS + ldflags),
+        "cpu": _cpu_flags().strip(),
+        "sources": h.hexdigest(),
+    }
+
+
+def build_key(parts: dict[str, str] | None = None) -> str:
+    """The build's name and cache folder: ``gradcomp_codecs_`` and 16 hex digits of a hash of
+    :func:`build_key_parts` (or of ``parts``)."""
+    parts = build_key_parts() if parts is None else parts
+    h = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(parts.items())).encode())
+    return "gradcomp_codecs_" + h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """The folder that holds one build folder per key (shared by every environment)."""
+    if os.environ.get("GRADCOMP_KERNEL_CACHE"):
+        return Path(os.environ["GRADCOMP_KERNEL_CACHE"]).expanduser()
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]).expanduser() / "gradcomp"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "gradcomp" / "kernels"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (released when the process dies, unlike a lock file
+    that only exists or not); no lock where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _import_built(name: str, directory: Path) -> ModuleType:
+    so = directory / f"{name}.so"  # torch.utils.cpp_extension's name for it (POSIX)
+    spec = importlib.util.spec_from_file_location(name, so)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {so}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def is_built(key: str | None = None) -> bool:
+    """Whether the cache holds a finished build of ``key`` (default: this environment's key)."""
+    return (cache_dir() / (key or build_key()) / _COMPLETE).is_file()
+
+
+def _load_or_build() -> ModuleType:
+    """Load this key's build from the cache, building it first (under the lock) if needed."""
+    from torch.utils import cpp_extension
+
+    key = build_key()
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    directory = root / key
+    with _locked(root / f"{key}.lock"):
+        if (directory / _COMPLETE).is_file():
+            return _import_built(key, directory)
+        print("gradcomp: building the native codec kernels (about a minute, once; cached "
+              f"afterwards in {directory}; GRADCOMP_KERNELS=eager skips it)", file=sys.stderr, flush=True)
+        directory.mkdir(exist_ok=True)
+        # torch's own lock file: stale if a build was killed, and we hold the real lock
+        (directory / "lock").unlink(missing_ok=True)
+        cflags, ldflags = _sanitize_flags()
+        module = cpp_extension.load(name=key, sources=[str(_CSRC / s) for s in _SOURCES],
+                                    extra_cflags=list(_CFLAGS + cflags), extra_ldflags=list(_LDFLAGS + ldflags),
+                                    build_directory=str(directory), verbose=False)
+        (directory / _COMPLETE).write_text("\n".join(f"{k}={v}" for k, v in build_key_parts().items()) + "\n")
+        return module
 
 
 @functools.lru_cache(maxsize=1)
-def _build():
-    """Build (or load the cached build of) the extension; ``None`` if that fails."""
-    from torch.utils import cpp_extension
-
-    name = _build_name()
-    if not _is_built(cpp_extension, name):  # announced only when a compiler will run
-        print("gradcomp: building the native codec kernels (about a minute, once; cached "
-              "afterwards; GRADCOMP_KERNELS=eager skips it)", file=sys.stderr, flush=True)
+def _build() -> ModuleType | None:
+    """Build (or load the cached build of) the extension; ``None`` if that fails (``auto``)."""
     try:
-        cflags, ldflags = _sanitize_flags()
-        return cpp_extension.load(name=name, sources=[str(_CSRC / s) for s in _SOURCES],
-                                  extra_cflags=list(_CFLAGS + cflags), extra_ldflags=["-fopenmp", *ldflags],
-                                  verbose=False)
+        return _load_or_build()
     except Exception as exc:  # no compiler, no ninja, ...: stay correct, just slower
         if kernel_mode() == "native":
             raise
-        warnings.warn(f"gradcomp: native codec kernels unavailable, using the eager path ({exc})")
+        warnings.warn(f"gradcomp: native codec kernels unavailable, using the eager path ({exc})", stacklevel=2)
         return None
 
 

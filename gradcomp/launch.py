@@ -60,6 +60,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, TextIO
 
 from .train import CODECS, TRANSPORTS, TrainConfig
 
@@ -69,6 +70,8 @@ EXIT_INTERRUPTED = 130
 RESULT_KEY = "gradcomp_result_json"
 TEMP_PREFIX = "gcray-"  # embedded Ray's temp root: $TMPDIR/gcray-<launcher pid>-<random> (short: socket paths)
 RAY_CLIENT_PORT = 10001  # ray://host without a port
+RAY_LOG = "ray.log"  # in --output: everything Ray's processes and Ray's driver-side loggers print
+PROGRESS_MARK = "@gradcomp-progress@ "  # a worker's stdout line that carries a redraw of the bar
 
 
 class TrainingFailed(RuntimeError):
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("compression")
     c.add_argument("--codec", choices=CODECS, default="prune-fp")
     c.add_argument("--bits", type=_positive_int, default=6, help="FP bits (fp, prune-fp)")
-    c.add_argument("--exp-bits", type=_positive_int, default=None, help="fix the exponent bits (default: lognormal split)")
+    c.add_argument("--exp-bits", type=_positive_int, default=None,
+                   help="fix the exponent bits (default: lognormal split)")
     c.add_argument("--sparsity", type=_finite_float, default=0.85, help="pruning sparsity (prune, prune-fp)")
     c.add_argument("--budget-bits", type=_finite_float, default=1.5, help="bits per element (budget)")
     c.add_argument("--topk-ratio", type=_finite_float, default=0.01, help="fraction kept (topk)")
@@ -171,14 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true",
                    help="start over in an OUTPUT that holds a previous run (deletes its checkpoints, "
                         "Ray state, results.json and metrics.jsonl)")
-    r.add_argument("--checkpoint-every", type=_nonneg_int, default=50, help="steps between checkpoints (0: epochs only)")
+    r.add_argument("--checkpoint-every", type=_nonneg_int, default=50,
+                   help="steps between checkpoints (0: epochs only)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     # Testing fault tolerance: worker RANK SIGKILLs itself at STEP on the first attempt.
     r.add_argument("--inject-fault", type=_fault_spec, default=None, metavar="RANK:STEP", help=argparse.SUPPRESS)
     return p
 
 
-RUN_ARTIFACTS = ("checkpoints", "ray", "results.json", "metrics.jsonl")
+RUN_ARTIFACTS = ("checkpoints", "ray", "results.json", "metrics.jsonl", "ray.log")
 
 
 def previous_run_artifacts(output: Path) -> list[Path]:
@@ -341,10 +346,11 @@ def probe_address(address: str, timeout: float) -> None:
     within ``timeout`` seconds whether anything listens there. ``auto`` is left to Ray.
     """
     kind, host, port = parse_address(address)
-    if kind == "auto":
+    if kind == "auto" or host is None or port is None:  # "auto": no host or port, left to Ray
         return
     what = "Ray client server" if kind == "client" else "Ray GCS"
-    default = f"{RAY_CLIENT_PORT} for ray://" if kind == "client" else "6379 unless `ray start --head --port` said otherwise"
+    default = (f"{RAY_CLIENT_PORT} for ray://" if kind == "client"
+               else "6379 unless `ray start --head --port` said otherwise")
     hint = (f"check that the Ray head runs there (`ray status --address {host}:{port}` on the head), that "
             f"{port} is its {what} port ({default}), and that no firewall drops the connection")
     deadline = time.monotonic() + timeout
@@ -362,10 +368,11 @@ def probe_address(address: str, timeout: float) -> None:
             try:
                 s.connect(sockaddr)
                 return
-            except socket.timeout:
+            except TimeoutError:
                 last = f"no answer within {timeout:g} s"
             except OSError as e:
-                last = "connection refused, nothing listens there" if e.errno == errno.ECONNREFUSED else str(e.strerror or e)
+                last = ("connection refused, nothing listens there" if e.errno == errno.ECONNREFUSED
+                        else str(e.strerror or e))
     raise ClusterUnreachable(f"--address {address}: cannot reach the {what} at {host}:{port} "
                              f"({last or f'no answer within {timeout:g} s'}); {hint}")
 
@@ -423,9 +430,30 @@ def _scratch_dir(payload: dict) -> str | None:
     try:
         import ray
 
-        return ray._private.worker._global_node.get_session_dir_path()
+        node = getattr(ray._private.worker, "_global_node", None)
+        return None if node is None else node.get_session_dir_path()
     except Exception:  # pragma: no cover - private API moved: the system temp dir
         return None
+
+
+class _ProgressRelay:
+    """The progress bar's file in a Ray worker: each redraw tqdm writes becomes one stdout line
+    ``PROGRESS_MARK + json`` (the bar's text, or ``null`` when the bar is closed), which Ray
+    forwards to the driver, where :class:`_RayOutput` draws it as the only terminal output."""
+
+    def write(self, s: str) -> int:
+        # sys.stdout.write, not print: Ray Train patches print() in its workers to also log
+        # through the root logger (each line would arrive twice)
+        lines = [PROGRESS_MARK + json.dumps(t) for t in (p.strip("\n") for p in s.split("\r")) if t.strip()]
+        if "\n" in s:
+            lines.append(PROGRESS_MARK + "null")
+        if lines:
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
 
 
 def _ray_worker(payload: dict) -> None:
@@ -465,7 +493,8 @@ def _ray_worker(payload: dict) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # a crash, not an exception: nothing gets to clean up
 
     try:
-        result = train(config, reporter=reporter, resume_from=resume_from, on_step=on_step)
+        result = train(config, reporter=reporter, resume_from=resume_from, on_step=on_step,
+                       progress_stream=_ProgressRelay())
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -490,7 +519,7 @@ def _ray_worker(payload: dict) -> None:
 def _horovod_worker(payload: dict) -> dict:
     from .train import train
 
-    return train(TrainConfig.from_dict(payload["config"]))
+    return train(TrainConfig.from_dict(payload["config"]), progress_stream=_ProgressRelay())
 
 
 # ------------------------------------------------------------------------- driver side
@@ -571,8 +600,128 @@ class _node_ip_loopback:
     def __exit__(self, *exc):
         self.env.__exit__(*exc)
         if self.old is not None:
-            self.rc.ENABLE_RAY_CLUSTER = self.old
+            setattr(self.rc, "ENABLE_RAY_CLUSTER", self.old)  # noqa: B010 (a private constant of Ray's)
         return False
+
+
+class _RayOutput:
+    """Route what Ray prints during a run: the workers' progress-bar lines (:class:`_ProgressRelay`)
+    to ``terminal`` as one redrawn bar; everything else -- the stdout/stderr of every Ray worker
+    and actor (Ray Train's "Reporting training result ... TrainingReport(...)", the controller's
+    messages, tracebacks) and the driver's own ``ray`` loggers -- to ``log_path`` (appended).
+
+    Worker output reaches the driver through ``ray.init(log_to_driver=True)``, whose handler
+    prints every line with a ``(pid=...)`` prefix; :meth:`attach` (after ``ray.init``) replaces
+    that handler with :meth:`handle`. Ray offers no public hook for this: if its private
+    dispatcher is missing, worker output stays on the terminal (nothing is lost).
+    """
+
+    def __init__(self, log_path: Path, terminal=None):
+        self.log_path = log_path
+        self.terminal = terminal if terminal is not None else sys.stderr
+        self._lock = threading.Lock()
+        self._bar_open = False
+        self._file: TextIO | None = None
+        self._saved: tuple | None = None
+        self._dispatcher: Any = None
+        self._autoscaler_events: Any = None
+
+    def __enter__(self) -> _RayOutput:
+        import logging
+
+        import ray  # noqa: F401  (importing ray configures the "ray" logger: replace its handlers after)
+
+        self._file = open(self.log_path, "a", buffering=1, encoding="utf-8", errors="replace")
+        handler = logging.StreamHandler(self._file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger = logging.getLogger("ray")
+        self._saved = (ray_logger, list(ray_logger.handlers), ray_logger.propagate, handler)
+        for h in list(ray_logger.handlers):
+            ray_logger.removeHandler(h)
+        ray_logger.addHandler(handler)
+        ray_logger.propagate = False
+        return self
+
+    def attach(self) -> bool:
+        """Take over the printing of worker output from ``ray.init``'s handler; whether it could."""
+        try:
+            from ray._private import worker as ray_worker
+
+            dispatcher = ray_worker.global_worker_stdstream_dispatcher
+            self._autoscaler_events = getattr(ray_worker, "filter_autoscaler_events", None)
+            dispatcher.remove_handler("ray_print_logs")
+            dispatcher.add_handler("gradcomp_ray_output", self.handle)
+        except (ImportError, AttributeError):  # pragma: no cover - Ray moved it
+            return False
+        self._dispatcher = dispatcher
+        # ray.init configures Ray's logger again (handlers on "ray"): keep only ours
+        self._keep_only_our_handler()
+        return True
+
+    def _keep_only_our_handler(self) -> None:
+        if self._saved is None:
+            return
+        ray_logger, _, _, ours = self._saved
+        for h in list(ray_logger.handlers):
+            if h is not ours:
+                ray_logger.removeHandler(h)
+        if ours not in ray_logger.handlers:
+            ray_logger.addHandler(ours)
+
+    def handle(self, data: dict) -> None:
+        """One batch of lines of one Ray process (the dispatcher's format: ``lines``, ``pid``,
+        ``ip``, ``actor_name`` or ``task_name``)."""
+        name = data.get("actor_name") or data.get("task_name") or ""
+        prefix = f"({name + ' ' if name else ''}pid={data.get('pid')}, ip={data.get('ip')}) "
+        lines = data.get("lines", ())
+        if data.get("pid") == "autoscaler" and self._autoscaler_events is not None:
+            lines = list(self._autoscaler_events(lines))  # as Ray prints: its events, not a status every 5 s
+        with self._lock:
+            for line in lines:
+                if line.startswith(PROGRESS_MARK):
+                    self._draw(line[len(PROGRESS_MARK):])
+                elif self._file is not None:
+                    self._file.write(prefix + line + "\n")
+
+    def _draw(self, payload: str) -> None:
+        try:
+            text = json.loads(payload)
+        except ValueError:
+            return
+        if text is None:
+            if self._bar_open:
+                self.terminal.write("\n")
+                self._bar_open = False
+        else:
+            self.terminal.write("\r" + str(text) + ("\x1b[K" if self._isatty() else ""))
+            self._bar_open = True
+        self.terminal.flush()
+
+    def _isatty(self) -> bool:
+        try:
+            return bool(self.terminal.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            if self._bar_open:
+                self.terminal.write("\n")
+                self.terminal.flush()
+                self._bar_open = False
+            if self._dispatcher is not None:
+                self._dispatcher.remove_handler("gradcomp_ray_output")
+                self._dispatcher = None
+            if self._saved is not None:
+                ray_logger, handlers, propagate, ours = self._saved
+                ray_logger.removeHandler(ours)
+                for h in handlers:
+                    ray_logger.addHandler(h)
+                ray_logger.propagate = propagate
+                self._saved = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def _connect(ray, address: str, timeout: float) -> None:
@@ -701,7 +850,7 @@ def _ray_run_name(output: Path, resume: bool) -> str:
 
 def _placement_failure(e: BaseException) -> bool:
     seen = set()
-    stack = [e]
+    stack: list[BaseException | None] = [e]
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
@@ -758,55 +907,69 @@ def run(args: argparse.Namespace, output: Path) -> dict:
         # short: Ray's socket paths; the pid lets a later launch remove it if we get SIGKILLed
         temp_root = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
         before = {p.pid for p in _descendants()}  # not ours to stop (a test's own cluster...)
+    if not args.address:
+        # Build (or load) the native kernels here, where the one-time build message reaches the
+        # terminal; the workers on this machine then load the cached build.
+        from . import kernels
+
+        kernels.warmup()
     t0 = time.perf_counter()
     ray = None
-    try:
-        ray = _start_ray(args, temp_root)
-        payload = {"config": config.to_dict(), "inject_fault": args.inject_fault, "scratch_dir": temp_root}
-        if args.transport == "horovod":
-            from .horovod import run_on_ray
+    log_path = output / RAY_LOG
+    print(f"gradcomp-launch: Ray's own output goes to {log_path}", file=sys.stderr, flush=True)
+    with _RayOutput(log_path) as ray_output:
+        try:
+            ray = _start_ray(args, temp_root)
+            ray_output.attach()
+            payload = {"config": config.to_dict(), "inject_fault": args.inject_fault, "scratch_dir": temp_root}
+            if args.transport == "horovod":
+                from .horovod import run_on_ray
 
-            results = run_on_ray(_horovod_worker, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                                 use_gpu=bool(args.gpus_per_worker), args=(payload,))
-            result = results[0]
-            ray_info = {"transport": "horovod.ray.RayExecutor", "ray_temp_dir": temp_root}
-        else:
-            from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-            from ray.train.torch import TorchConfig, TorchTrainer
-
-            scaling = ScalingConfig(
-                num_workers=args.workers, use_gpu=bool(args.gpus_per_worker), placement_strategy=args.placement,
-                resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.gpus_per_worker else {})})
-            try:  # Ray Train v2: a worker group that cannot be placed counts against max_failures too
-                failure = FailureConfig(max_failures=args.max_failures, controller_failure_limit=args.max_failures)
-            except TypeError:  # pragma: no cover - Ray Train v1
-                failure = FailureConfig(max_failures=args.max_failures)
-            run_config = RunConfig(
-                name=_ray_run_name(output, args.resume), storage_path=str((output / "ray").resolve()), failure_config=failure,
-                checkpoint_config=CheckpointConfig(num_to_keep=2))
-            timeout_s = max(1, math.ceil(args.timeout))  # the process group's timeout (Ray takes whole seconds)
-            if args.address:
-                torch_config = TorchConfig(timeout_s=timeout_s)
+                results = run_on_ray(_horovod_worker, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                                     use_gpu=bool(args.gpus_per_worker), args=(payload,))
+                result = results[0]
+                ray_info = {"transport": "horovod.ray.RayExecutor", "ray_temp_dir": temp_root}
             else:
-                from ._ray_loopback import LoopbackTorchConfig
+                from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                from ray.train.torch import TorchConfig, TorchTrainer
 
-                torch_config = LoopbackTorchConfig(timeout_s=timeout_s)
-            trainer = TorchTrainer(_ray_worker, train_loop_config=payload, scaling_config=scaling,
-                                   run_config=run_config, torch_config=torch_config)
-            fit = _fit(args, trainer)
-            if fit.error is not None:
-                raise TrainingFailed(str(fit.error))
-            if not fit.metrics or RESULT_KEY not in fit.metrics:
-                raise RuntimeError(f"training ended without a result (last metrics: {fit.metrics})")
-            result = json.loads(fit.metrics[RESULT_KEY])
-            ray_info = {"transport": "ray.train.torch.TorchTrainer", "ray_storage": str(output / "ray"),
-                        "ray_temp_dir": temp_root,
-                        "last_ray_checkpoint": fit.checkpoint.path if fit.checkpoint is not None else None}
-    finally:
-        _cleanup(ray, temp_root, before)
+                scaling = ScalingConfig(
+                    num_workers=args.workers, use_gpu=bool(args.gpus_per_worker), placement_strategy=args.placement,
+                    resources_per_worker={"CPU": args.cpus_per_worker,
+                                          **({"GPU": args.gpus_per_worker} if args.gpus_per_worker else {})})
+                try:  # Ray Train v2: a worker group that cannot be placed counts against max_failures too
+                    failure = FailureConfig(max_failures=args.max_failures,  # type: ignore[call-arg]  # v1 stubs
+                                            controller_failure_limit=args.max_failures)
+                except TypeError:  # pragma: no cover - Ray Train v1
+                    failure = FailureConfig(max_failures=args.max_failures)
+                run_config = RunConfig(
+                    name=_ray_run_name(output, args.resume), storage_path=str((output / "ray").resolve()),
+                    failure_config=failure,
+                    checkpoint_config=CheckpointConfig(num_to_keep=2))
+                timeout_s = max(1, math.ceil(args.timeout))  # the process group's timeout (Ray takes whole seconds)
+                if args.address:
+                    torch_config = TorchConfig(timeout_s=timeout_s)
+                else:
+                    from ._ray_loopback import LoopbackTorchConfig
+
+                    torch_config = LoopbackTorchConfig(timeout_s=timeout_s)
+                trainer = TorchTrainer(_ray_worker, train_loop_config=payload, scaling_config=scaling,
+                                       run_config=run_config, torch_config=torch_config)
+                fit = _fit(args, trainer)
+                if fit.error is not None:
+                    raise TrainingFailed(str(fit.error))
+                if not fit.metrics or RESULT_KEY not in fit.metrics:
+                    raise RuntimeError(f"training ended without a result (last metrics: {fit.metrics})")
+                result = json.loads(fit.metrics[RESULT_KEY])
+                ray_info = {"transport": "ray.train.torch.TorchTrainer", "ray_storage": str(output / "ray"),
+                            "ray_temp_dir": temp_root,
+                            "last_ray_checkpoint": fit.checkpoint.path if fit.checkpoint is not None else None}
+        finally:
+            _cleanup(ray, temp_root, before)
     result = dict(result)
-    result.update({"config": config.to_dict(), "launcher": {"workers": args.workers, "address": args.address or "embedded",
-                                                            "job_wall_seconds": time.perf_counter() - t0, **ray_info},
+    result.update({"config": config.to_dict(),
+                   "launcher": {"workers": args.workers, "address": args.address or "embedded",
+                                "job_wall_seconds": time.perf_counter() - t0, **ray_info},
                    "environment": environment()})
     tmp = output / ".results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str))
@@ -848,7 +1011,8 @@ def format_table(result: dict) -> str:
         ("steps", str(result["steps"])),
         ("bytes sent per step (per rank)", f"{result['bytes_sent_per_step']:,.0f} ({result.get('bytes_source')})"),
         ("bits per element", "-" if bpe is None else f"{bpe:.3f}"),
-        ("step time p50 / p90", f"{1e3 * (result['step_time_p50'] or 0):.1f} / {1e3 * (result['step_time_p90'] or 0):.1f} ms"),
+        ("step time p50 / p90",
+         f"{1e3 * (result['step_time_p50'] or 0):.1f} / {1e3 * (result['step_time_p90'] or 0):.1f} ms"),
         ("training wall time", f"{result['wall_seconds']:.1f} s"),
         ("restarts", f"{result['restarts']}" + (f" (resumed from step {result['resumed_from_step']})"
                                                   if result.get("resumed_from_step") is not None else "")),
@@ -915,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradcomp-launch: {e}", file=sys.stderr)
         return EXIT_FAILED
     except TrainingFailed as e:
-        print(f"gradcomp-launch: training failed:\n{e}", file=sys.stderr)
+        print(f"gradcomp-launch: training failed:\n{e}\n(Ray's output: {output / RAY_LOG})", file=sys.stderr)
         return EXIT_FAILED
     print()
     print(format_table(result))

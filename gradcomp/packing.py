@@ -12,7 +12,7 @@ per width), never over elements.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -32,7 +32,7 @@ def packed_size(numel: int, bits: int) -> int:
     return (numel * bits + 7) // 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def _group_plan(bits: int) -> tuple[int, int, tuple[tuple[int, int, int], ...]]:
     """Return (codes per group, bytes per group, ((code j, byte k, shift), ...)).
 

@@ -69,7 +69,7 @@ def prune_to_sparsity(
     generator: torch.Generator | None = None,
     *,
     key: int | None = None,
-    fit: "lognormal.LognormalFit | None" = None,
+    fit: lognormal.LognormalFit | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Stochastically prune ``x`` at the threshold that gives ``sparsity`` under a lognormal fit.
 

@@ -45,9 +45,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -225,7 +226,7 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """Build a config from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -800,9 +801,9 @@ def apply_checkpoint(loaded: _Loaded, model: nn.Module, optimizer, hook: _Hook, 
             raise CheckpointError(loaded.comp_path, f"does not fit this run's compression ({type(exc).__name__}: "
                                                     f"{' '.join(str(exc).split())[:400]})") from exc
     elif loaded.note:
-        warnings.warn(f"gradcomp: {loaded.note}")
+        warnings.warn(f"gradcomp: {loaded.note}", stacklevel=2)
     elif loaded.comp_status == "missing":
-        warnings.warn(f"gradcomp: {loaded.comp_path} missing; compression state starts afresh")
+        warnings.warn(f"gradcomp: {loaded.comp_path} missing; compression state starts afresh", stacklevel=2)
     return dict(loaded.progress)
 
 
@@ -909,8 +910,17 @@ def _percentile(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+class _Writable(Protocol):
+    """What a progress bar writes to (a text stream, or the Ray launcher's relay)."""
+
+    def write(self, s: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
 def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] | None = None,
-          resume_from: str | os.PathLike | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+          resume_from: str | os.PathLike | None = None, on_step: Callable[[int], None] | None = None,
+          progress_stream: _Writable | None = None) -> dict:
     """Train per ``config``; return the run's results (same dict on every rank).
 
     ``reporter(metrics, checkpoint_dir_or_None)`` is called on every rank at each checkpoint and
@@ -918,6 +928,8 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
     checkpoint directory (a ``step-*`` directory or a ``checkpoint_dir``) to start from;
     ``config.resume`` resumes from ``config.checkpoint_dir/latest`` when it exists.
     ``on_step(step)`` runs after every optimizer step (fault injection in tests, custom logging).
+    ``progress_stream`` is where rank 0 draws the progress bar (default ``sys.stderr``; the Ray
+    launcher passes a relay that the driver redraws).
 
     Resuming is all or nothing, and every rank resumes from the same point. Each rank reads and
     validates its files first (:func:`read_checkpoint`: ``model.pt`` and its own
@@ -991,7 +1003,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
         if config.max_steps is not None:
             total = min(total, config.max_steps)
 
-        progress = {"step": 0, "epoch": 0, "batch": 0, "restarts": 0, "history": []}
+        progress: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "restarts": 0, "history": []}
         resumed_from = None
         ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         src, loaded, load_error = None, None, None
@@ -1033,7 +1045,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=progress["step"], desc=f"{config.model}/{config.codec}",
-                       unit="step", mininterval=1.0, file=sys.stderr, dynamic_ncols=True)
+                       unit="step", mininterval=1.0, file=progress_stream or sys.stderr, dynamic_ncols=True)
 
         def checkpoint() -> Path | None:
             if ckpt_root is None:

@@ -134,8 +134,8 @@ class GradQuant(nn.Module):
             # Pruned entries are +-alpha, which can exceed the gradient's own max.
             top = max(amax, self.alpha) if self.sparsity and self.alpha is not None else amax
             plan = cover_max(self.plan, out, top)
-            kw = {"key": derive_key(self.seed, step, self.index, 2)} if self.rounding == "stochastic" else {}
-            out = quantize(out, plan.fmt, self.rounding, scale_exp=plan.scale_exp, **kw)
+            key = derive_key(self.seed, step, self.index, 2) if self.rounding == "stochastic" else None
+            out = quantize(out, plan.fmt, self.rounding, key=key, scale_exp=plan.scale_exp)
         return out.to(grad.dtype)
 
 

@@ -225,6 +225,8 @@ class SqueezeThreshold(nn.Module):
     Buffer: ``running_threshold`` (C,), float32, the eval-mode first threshold.
     """
 
+    running_threshold: torch.Tensor  # a buffer (register_buffer): typed for the checker
+
     def __init__(self, channels: int, bits: int, *, reduction: int = 4, momentum: float = 0.1,
                  init_step: float | None = None, grad_scale: bool = True,
                  generator: torch.Generator | None = None):
@@ -299,7 +301,8 @@ class SqueezeThreshold(nn.Module):
 
 def _st_pre_hook(module: nn.Module, args: tuple):
     # A module-level function (not a lambda) so that converted models pickle and deepcopy.
-    return (module.st(args[0]),) + tuple(args[1:])
+    st: SqueezeThreshold = module.st  # type: ignore[assignment]  # set by the conversion
+    return (st(args[0]),) + tuple(args[1:])
 
 
 def convert_st(model: nn.Module, bits: int, *, skip_first: bool = True, skip_last: bool = False,

@@ -44,9 +44,19 @@ def test_embedded_ray_st_prune_fp(tmp_path):
     proc = subprocess.run(
         [_launch_bin(), "--workers", "2", "--codec", "prune-fp", "--act-bits", "2", "--dataset", "mnist1d",
          "--model", "resnet1d", "--width", "16", "--epochs", "1", "--max-steps", "12", "--checkpoint-every", "5",
-         "--quiet", "--output", str(out)],
+         "--output", str(out)],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # the terminal shows the log's location, the progress bar and the table, and nothing of Ray's:
+    # its report lines (whole JSON histories), controller messages and logger lines go to ray.log
+    shown = proc.stdout + proc.stderr
+    for ray_text in ("Reporting training result", "TrainingReport(", "(RayTrainWorker", "(TrainController",
+                     "Started a local Ray instance"):
+        assert ray_text not in shown, shown[-4000:]
+    assert f"Ray's own output goes to {out / 'ray.log'}" in proc.stderr
+    assert "12/12" in proc.stderr  # the bar, redrawn by the driver
+    ray_log = (out / "ray.log").read_text()
+    assert "Reporting training result" in ray_log and "(TrainController" in ray_log
     res = json.loads((out / "results.json").read_text())
     assert RESULT_KEYS <= res.keys()
     assert res["steps"] == 12 and res["world_size"] == 2 and res["restarts"] == 0
