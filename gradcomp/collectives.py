@@ -326,8 +326,8 @@ def two_phase_mean(
     ``encode(j, start, stop)`` encodes this rank's shard ``j`` for phase 1; ``reduce_encode(mean)``
     re-encodes the mean of this rank's own shard for phase 2. ``fixed_size(start, stop)`` and
     ``reduce_fixed_size(start, stop)`` give the payload sizes of the shard ``[start, stop)`` for
-    fixed-size codecs (which skips a size exchange), else they are ``None``. ``out`` may be the tensor ``encode`` reads: every shard is
-    encoded before anything is written.
+    fixed-size codecs (which skips a size exchange), else they are ``None``. ``out`` may be the
+    tensor ``encode`` reads: every shard is encoded before anything is written.
     """
     transport = as_transport(group)
     rank, n = transport.rank, transport.world_size

@@ -232,6 +232,12 @@ def _check_sparsity(sparsity: float, what: str) -> float:
     return float(sparsity)
 
 
+def _check_count_zeros(count_zeros: bool, what: str) -> bool:
+    if not isinstance(count_zeros, bool):
+        raise ValueError(f"{what}: count_zeros must be True or False, got {count_zeros!r}")
+    return count_zeros
+
+
 def _float32(value: float) -> float:
     return struct.unpack("<f", struct.pack("<f", value))[0]
 
@@ -306,7 +312,7 @@ def threshold_plan_alpha(sparsity: float, fit: lognormal.LognormalFit | None) ->
 
     ``alpha = threshold_for_sparsity(sparsity, fit.mu, fit.sigma)`` rounded to float32 (the
     value that is used and sent), clamped into ``[2**-149, float32 max]``; ``sparsity <= 0``
-    gives ``2**-149``, which prunes no nonzero float32.
+    gives ``2**-100``, which prunes nothing above it (no gradient value in practice).
     """
     if fit is None:
         return math.inf
@@ -342,7 +348,10 @@ def usable_sparsity(sparsity: float, fit: lognormal.LognormalFit | None, numel: 
     return (sparsity - zeros) / (1.0 - zeros)
 
 
-_ALPHA_MIN = 2.0**-149  # the smallest float32 subnormal: a threshold that prunes no nonzero float32
+# The threshold of "prune nothing" (the zeros alone reach the target): below every gradient
+# value in practice, and high enough that the pruning test ``u * alpha <= |x|`` cannot underflow
+# to 0 (at 2**-149 it did, and exact zeros became +-alpha).
+_ALPHA_MIN = 2.0**-100
 
 
 def pruning_fractions(fit: lognormal.LognormalFit, alpha: float) -> tuple[float, float]:
@@ -428,10 +437,10 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
     hi = max(fit.mu, lo) + 8.0 * fit.sigma
     dt = (hi - lo) / _TAIL_NODES
     t = lo + dt * (np.arange(_TAIL_NODES) + 0.5)
-    # Log-density relative to its value at lo, so a threshold far out in the tail cannot
-    # underflow every weight to zero.
-    logw = -0.5 * ((t - fit.mu) / fit.sigma) ** 2 + 0.5 * ((lo - fit.mu) / fit.sigma) ** 2
-    w = np.exp(logw)
+    # Log-density relative to its largest value on the nodes, so neither a threshold far out
+    # in the tail nor one far below the bulk (alpha = 2**-149) can underflow or overflow.
+    logw = -0.5 * ((t - fit.mu) / fit.sigma) ** 2
+    w = np.exp(logw - logw.max())
     w = w / w.sum()
     t_median = float(t[min(np.searchsorted(np.cumsum(w), 0.5), _TAIL_NODES - 1)])
     max_abs = getattr(fit, "max_abs", None)  # the shard's own maximum, where the fit carries it
@@ -501,7 +510,9 @@ class _PruneBase(Codec):
     _value_bits: int
 
     def _alpha(self, fit, numel):
-        return threshold_plan_alpha(usable_sparsity(self.sparsity, fit, check_plan_numel(numel)), fit)
+        check_plan_numel(numel)
+        target = usable_sparsity(self.sparsity, fit, numel) if self.count_zeros else self.sparsity
+        return threshold_plan_alpha(target, fit)
 
     def wire_bytes(self, numel: int) -> None:
         """``None``: the size depends on the data (see :meth:`expected_wire_bytes`)."""
@@ -596,6 +607,10 @@ class PruneCodec(_PruneBase):
     ``|x| / alpha`` (uniforms from ``derive_key(key, 1)``), else 0. Unbiased: ``E[decode] = x``.
     The measured sparsity matches the target to the extent ``|x|`` is lognormal. A shard without
     a nonzero finite entry (``fit=None``) encodes as all zeros (``alpha = inf`` on the wire).
+    Exact zeros (62-77 % of a ReLU network's gradient entries) are pruned for free; with
+    ``count_zeros=True`` (default) they count toward ``sparsity``, so the usable entries are
+    pruned at :func:`usable_sparsity` and the shard as a whole reaches ``sparsity`` (this
+    needs ``numel`` in :meth:`plan`); ``False`` prunes the usable entries at ``sparsity``.
 
     Wire: the PRUNE layout of :mod:`gradcomp.codecs.sparse` with 32-bit values; size depends on
     the data (:meth:`wire_bytes` is ``None``), expectation :meth:`expected_wire_bytes`. At
@@ -603,7 +618,8 @@ class PruneCodec(_PruneBase):
     entries carry 32 bits, 0.10 carry a sign, positions cost 0.61 + 0.15 bits).
 
     Reduce side (two-phase all-reduce): :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity,
-    0.3), 8)``, chosen by the rule and the measurements explained in :class:`PruneFPCodec`. For
+    0.3), 8, count_zeros=False)`` (the mean's zeros are phase 1's pruning; its sparsity applies
+    to the mean's nonzeros, as measured), chosen by the rule and the measurements explained in :class:`PruneFPCodec`. For
     this codec (``benchmarks/results/reduce_side_error.md``, 1M elements, sigma 2, N = 2/4/8):
     all-gather NMSE 0.012/0.013/0.010; PruneFP(0.3, 8) adds 0.009/0.003/0.002 at 0.20/0.34/0.47
     bytes per element; re-pruning with this codec adds 0.49/0.68/0.59; FP(8) adds 0.0015 but
@@ -623,8 +639,9 @@ class PruneCodec(_PruneBase):
     stochastic = True
     _value_bits = 32
 
-    def __init__(self, sparsity: float = 0.85):
+    def __init__(self, sparsity: float = 0.85, count_zeros: bool = True):
         self.sparsity = _check_sparsity(sparsity, "PruneCodec")
+        self.count_zeros = _check_count_zeros(count_zeros, "PruneCodec")
 
     def plan(self, fit: lognormal.LognormalFit | None, numel: int | None = None) -> PrunePlan:
         """Return the float32 threshold for this shard's fit (``alpha = inf`` without one).
@@ -640,7 +657,7 @@ class PruneCodec(_PruneBase):
 
     def reduce_codec(self) -> Codec:
         """``PruneFPCodec(min(sparsity, 0.3), 8)``: re-prune the mean lightly, 8-bit values."""
-        return PruneFPCodec(min(self.sparsity, REDUCE_SPARSITY), REDUCE_BITS)
+        return PruneFPCodec(min(self.sparsity, REDUCE_SPARSITY), REDUCE_BITS, count_zeros=False)
 
 
 class PruneFPCodec(_PruneBase):
@@ -702,8 +719,9 @@ class PruneFPCodec(_PruneBase):
     tag = CodecTag.PRUNE_FP
 
     def __init__(self, sparsity: float = 0.85, bits: int = 6, exp_bits: int | None = None,
-                 rounding: str = "stochastic"):
+                 rounding: str = "stochastic", count_zeros: bool = True):
         self.sparsity = _check_sparsity(sparsity, "PruneFPCodec")
+        self.count_zeros = _check_count_zeros(count_zeros, "PruneFPCodec")
         _check_bits(bits, exp_bits, rounding, "PruneFPCodec")
         self.bits = bits
         self.exp_bits = exp_bits
@@ -727,7 +745,7 @@ class PruneFPCodec(_PruneBase):
         """``PruneFPCodec(min(sparsity, 0.3), max(bits, 8))``: re-prune the mean lightly."""
         bits = max(self.bits, REDUCE_BITS)
         return PruneFPCodec(min(self.sparsity, REDUCE_SPARSITY), bits,
-                            self.exp_bits if bits == self.bits else None, self.rounding)
+                            self.exp_bits if bits == self.bits else None, self.rounding, count_zeros=False)
 
 
 def _check_counts(n: int, unary_bits: int, k: int, numel: int, extra: str = "") -> None:

@@ -257,3 +257,45 @@ def mismatch_case(rank: int, world: int) -> str:
     except ValueError as exc:
         return str(exc)
     return "no error"
+
+
+# A bucket of tensors whose scales differ by orders of magnitude (as a transformer's positional
+# embedding and attention weights do), with a run of tiny tensors inside.
+SEGMENT_SIZES = (3000, 700, 20, 30, 5000)
+SEGMENT_SCALES = (1.0, 1e-5, 1e3, 1e-3, 1e-2)
+
+
+def segment_input(rank: int) -> torch.Tensor:
+    parts = [rank_input(n, rank, seed=11 + i) * s for i, (n, s) in enumerate(zip(SEGMENT_SIZES, SEGMENT_SCALES))]
+    return torch.cat(parts)
+
+
+def segment_cases(rank: int, world: int) -> dict:
+    """Per-tensor plans against one plan per shard, on a bucket of mixed-scale tensors; and a
+    state_dict round trip of a per-tensor state (the resumed step must encode the same bits)."""
+    out = {}
+    codecs = {"fp6": C.FPCodec(6), "prune_fp": C.PruneFPCodec(0.85, 6), "budget": C.BudgetCodec(1.5)}
+    x = segment_input(rank)
+    for name, codec in codecs.items():
+        for coll in ("two_phase", "allgather"):
+            for per_tensor in (True, False):
+                state = gradcomp.CompressionState(codec, warmup_steps=0, collective=coll, seed=5,
+                                                  per_tensor=per_tensor)
+                params = [torch.nn.Parameter(torch.empty(n)) for n in SEGMENT_SIZES]
+                fut = state.submit(FakeBucket(x.clone(), index=0, params=params))
+                y = fut.wait().clone()
+                st = state.stats()
+                out[(name, coll, per_tensor)] = {"y": y, "bytes_sent": st["bytes_sent"],
+                                                 "bits_per_element": st["bits_per_element"],
+                                                 "bucket": st["buckets"].get(0, {})}
+                if per_tensor:  # resume: a fresh state loading step 1's state_dict encodes the same
+                    sd = state.state_dict()
+                    y1 = state.submit(FakeBucket(x.clone(), index=0, params=params)).wait().clone()
+                    other = gradcomp.CompressionState(codec, warmup_steps=0, collective=coll, seed=5)
+                    other.load_state_dict(sd)
+                    y1b = other.submit(FakeBucket(x.clone(), index=0, params=params)).wait().clone()
+                    out[(name, coll, per_tensor)]["resumed_equal"] = torch.equal(
+                        y1.view(torch.int32), y1b.view(torch.int32))
+                    other.close()
+                state.close()
+    return out

@@ -152,3 +152,49 @@ def test_ranks_with_different_settings_fail_at_construction(tmp_path):
     for m in messages:
         assert "different settings" in m and "FPCodec(bits=6" in m and "FPCodec(bits=5" in m
 
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_per_tensor_plans_on_mixed_scale_buckets(world, tmp_path):
+    """A bucket whose tensors differ in scale by 1e8: with per-tensor plans every tensor of 64 or
+    more elements keeps a small error; with one plan per shard the small-scale tensor is lost
+    (so the test can tell them apart). Replicas stay bit-identical; FP payload sizes are exact
+    (SEGMENTS layout: 12 + 8 S bytes plus each segment's FP payload); resume is bit-exact."""
+    from gradcomp.codecs.segments import segments_wire_bytes, split_points
+    from gradcomp.collectives import shard_bounds
+
+    results = spawn(world, cases.segment_cases, tmp_path)
+    xs = [cases.segment_input(r) for r in range(world)]
+    exact = torch.stack(xs).double().mean(0)
+    bounds, offset = [], 0
+    for n in cases.SEGMENT_SIZES:
+        bounds.append((offset, offset + n))
+        offset += n
+
+    def tensor_nmse(y):
+        return [float((y.double()[a:b] - exact[a:b]).pow(2).sum() / exact[a:b].pow(2).sum()) for a, b in bounds]
+
+    for key, r0 in results[0].items():
+        name, coll, per_tensor = key
+        for r in range(1, world):
+            assert torch.equal(results[r][key]["y"].view(torch.int32), r0["y"].view(torch.int32)), key
+        errs = tensor_nmse(r0["y"])
+        big = [e for e, n in zip(errs, cases.SEGMENT_SIZES) if n >= 64]
+        if per_tensor:
+            limit = {"fp6": 0.05, "prune_fp": 0.5, "budget": 0.5}[name]
+            assert max(big) < limit, (key, errs)
+            assert r0["resumed_equal"], key
+        else:
+            assert errs[1] >= 0.99, (key, errs)  # the 1e-5 tensor flushed to 0 or made +-alpha
+        if name == "fp6":
+            numel = sum(cases.SEGMENT_SIZES)
+            shards = shard_bounds(numel, world) if coll == "two_phase" else [(0, numel)]
+
+            def payload(a, b):
+                pts = split_points(cases.SEGMENT_SIZES, a, b, 64) if per_tensor else [0, b - a]
+                sizes = [8 + (6 * (q - p) + 7) // 8 for p, q in zip(pts, pts[1:])]
+                return sizes[0] if len(sizes) == 1 else segments_wire_bytes(sizes)
+            phase1 = sum(payload(a, b) for a, b in shards)
+            assert r0["bits_per_element"] == pytest.approx(8 * phase1 / numel, rel=1e-12), key
+        if name == "budget" and per_tensor:
+            assert r0["bits_per_element"] <= 1.5 * 1.05, (key, r0["bits_per_element"])
