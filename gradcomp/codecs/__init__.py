@@ -12,7 +12,8 @@ import torch
 from .base import HEADER_BYTES, Codec, CodecTag, Header, nan_fill_if, prepare_out, read_header
 from .dense import (FPCodec, FPPlan, HalfCodec, IdentityCodec, _decode_fp, _decode_half,
                     _decode_identity)
-from .budget import BudgetCodec, BudgetPlan, fp_nmse, prune_fp_nmse, pruning_nmse
+from ..error_model import fp_nmse, prune_fp_nmse, pruning_nmse
+from .budget import BudgetCodec, BudgetPlan
 from .sparse import PruneCodec, PruneFPCodec, PrunePlan, TopKCodec, _decode_prune, _decode_topk
 from .segments import join_segments, split_segments
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels, lognormal
+from ..error_model import fp_nmse
 from ..formats import FPFormat
 from ..packing import pack_unchecked, packed_size, unpack
 from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
@@ -108,7 +109,7 @@ def fp_plan(bits: int, exp_bits: int | None, rounding: str,
     the fitted lognormal, no sampling), and both only consider scales at which the fit's
     ``max_abs`` (see :class:`ShardFit`) does not saturate:
 
-    * ``"mse"``: the added variance ``E[(Q(x)-x)^2] / E[x^2]`` (:func:`budget.fp_nmse`, with the
+    * ``"mse"``: the added variance ``E[(Q(x)-x)^2] / E[x^2]`` (:func:`gradcomp.error_model.fp_nmse`, with the
       lognormal cut at ``max_abs``), what SGD feels in an averaged gradient. The scale is
       searched upward from the smallest non-saturating one.
     * ``"relative"``: the seed's criterion, ``E|Q(x)-x|/|x|`` (:func:`lognormal.exact_relative_error`),
@@ -134,8 +135,6 @@ def fp_plan(bits: int, exp_bits: int | None, rounding: str,
             k = max(lognormal.scale_exponent(fit.mu, fit.sigma, fmt, rounding), k_min)
             candidates = [(lognormal.exact_relative_error(fmt, fit.sigma, fit.mu, rounding, k), k)]
         else:
-            from .budget import fp_nmse  # budget builds on this module
-
             upper = amax if 0 < amax < math.inf else math.inf
             # The smallest non-saturating scale is nearly always best; a few above cover
             # formats whose subnormal range makes a coarser scale pay off.

@@ -24,8 +24,8 @@ from scipy import special
 from gradcomp import lognormal
 from gradcomp.codecs import FPCodec, decode_payload, read_header
 from gradcomp.codecs.base import CodecTag, ShardFit, fit_or_none
-from gradcomp.codecs.budget import (BudgetCodec, BudgetPlan, _fp_tables, fp_nmse, prune_fp_nmse,
-                                    pruning_nmse)
+from gradcomp.codecs.budget import BudgetCodec, BudgetPlan
+from gradcomp.error_model import fp_nmse, fp_tables, prune_fp_nmse, pruning_nmse
 from gradcomp.codecs.dense import FPPlan, min_scale_exp
 from gradcomp.formats import FPFormat
 from gradcomp.pruning import stochastic_prune
@@ -141,9 +141,9 @@ def test_wide_format_binade_model_close_to_exact():
         for fmt in (FPFormat(3, 5), FPFormat(4, 7), FPFormat(5, 10), FPFormat(2, 8)):
             ks = np.arange(min_scale_exp(amax, fmt), min_scale_exp(amax, fmt) + 3)
             for rounding in ("stochastic", "nearest"):
-                ex = _fp_tables([fmt], [ks], rounding, mu, sigma, log_lower, exact=True,
+                ex = fp_tables([fmt], [ks], rounding, mu, sigma, log_lower, exact=True,
                                 log_top=math.log(amax) - mu)[0]
-                ap = _fp_tables([fmt], [ks], rounding, mu, sigma, log_lower, exact=False,
+                ap = fp_tables([fmt], [ks], rounding, mu, sigma, log_lower, exact=False,
                                 log_top=math.log(amax) - mu)[0]
                 assert np.max(np.abs(ap / ex - 1)) < 0.02, (sigma, fmt.name, rounding)
 
