@@ -698,7 +698,7 @@ def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
     _need_dict(sd["fits"], path, "'hook'['fits']")
     for k, v in sd["fits"].items():
         parts = k.split("/") if isinstance(k, str) else []
-        _need(len(parts) == 3 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
+        _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
         _need(isinstance(v, list) and (not v or (len(v) == 4 and all(_is_int(x) or isinstance(x, float) for x in v)
                                                and all(not math.isnan(x) for x in v)
                                                and math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] >= 0

@@ -176,14 +176,30 @@ class Codec(abc.ABC):
         """Return the uint8 payload of ``x`` (flattened). ``plan=None`` derives it from ``x``."""
 
     def decode(self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the float32 values of ``payload`` (written into ``out`` when given)."""
-        from . import decode_payload
+        """Return the float32 values of ``payload`` (written into ``out`` when given).
+
+        Any codec's payload decodes here (the header names its layout); see
+        :func:`gradcomp.codecs.registry.decode_payload`.
+        """
+        from .registry import decode_payload  # the registry sits above every codec module
 
         return decode_payload(payload, numel, out=out)
 
     def wire_bytes(self, numel: int) -> int | None:
         """Exact payload size for ``numel`` elements, or ``None`` when it depends on the data."""
         return None
+
+    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None = None) -> float:
+        """Expected payload bytes for ``numel`` elements whose usable entries follow ``fit``.
+
+        Fixed-size codecs: exactly :meth:`wire_bytes`. Codecs with data-dependent sizes
+        override this with their model (what the hook's cost model and the benchmarks use).
+        """
+        fixed = self.wire_bytes(numel)
+        if fixed is None:
+            raise NotImplementedError(f"{type(self).__name__}: a codec with data-dependent payload sizes "
+                                      "must define expected_wire_bytes")
+        return float(fixed)
 
     def reduce_codec(self) -> "Codec":
         """Codec for re-encoding a reduced (summed) shard in the second phase of an all-reduce."""

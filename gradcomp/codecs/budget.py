@@ -13,7 +13,7 @@ normalized expected squared error of :mod:`gradcomp.error_model`.
 Wire model
 ----------
 Expected payload bits per element of the chosen layout: dense FP is ``8 * (8 + ceil(n b / 8)) /
-n``; PRUNE_FP / PRUNE is :func:`gradcomp.codecs.sparse.prune_fp_wire_bits` with the expected
+n``; PRUNE_FP / PRUNE is :func:`gradcomp.codecs.sparse.prune_fp_wire_bytes` with the expected
 nonzero fraction ``1 - S(alpha)`` and kept fraction ``P(|x| > alpha)`` (SPEC 2.1 closed forms).
 ``n`` is the shard's element count (``numel`` when :meth:`BudgetCodec.plan` is given it, else
 the fit's ``count``, which is never more and so over-charges the header and treats every element
@@ -37,7 +37,7 @@ from ..error_model import MIN_SIGMA, fp_tables, log_top_of, pruning_nmse_z
 from ..formats import FPFormat
 from .base import HEADER_BYTES, Codec, check_shard, fit_or_none
 from .dense import FPCodec, FPPlan, IdentityCodec, min_scale_exp
-from .sparse import PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, prune_fp_wire_bits
+from .sparse import PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, prune_fp_wire_bytes
 
 __all__ = ["BudgetCodec", "BudgetPlan", "MIN_BUDGET_BITS"]
 
@@ -84,9 +84,9 @@ def _fractions(z, s: float):
 
 
 def _prune_bits(n: int, nonzero: float, kept: float, value_bits: int) -> float:
-    """Expected bits per element of the PRUNE / PRUNE_FP payload (:func:`prune_fp_wire_bits`)."""
+    """Expected bits per element of the PRUNE / PRUNE_FP payload (:func:`prune_fp_wire_bytes`)."""
     nonzero = min(max(float(nonzero), 0.0), 1.0)
-    return 8.0 * prune_fp_wire_bits(n, nonzero, min(max(float(kept), 0.0), nonzero), value_bits) / n
+    return 8.0 * prune_fp_wire_bytes(n, nonzero, min(max(float(kept), 0.0), nonzero), value_bits) / n
 
 
 def _dense_bits(n: int, bits: int) -> float:
@@ -374,7 +374,7 @@ class BudgetCodec(Codec):
     Numerics: NMSE in closed form (:func:`pruning_nmse`, :func:`fp_nmse`: cell by cell for
     formats up to 8 bits; wider ones per binade, within about 1%) for the lognormal truncated
     at the shard's largest value. For each value width, the smallest ``alpha`` whose expected
-    wire fits is solved continuously (regula falsi on :func:`prune_fp_wire_bits`); the optimum
+    wire fits is solved continuously (regula falsi on :func:`prune_fp_wire_bytes`); the optimum
     almost always sits there (a larger ``alpha`` prunes more), and the larger ``alpha`` of a
     grid of 20 sparsities from 1e-3 up to ``1 - 1e-6`` (at most ``1 - 2 / count``) are tried as
     well. The scale is the smallest ``k`` that does not saturate the shard's maximum, or up to

@@ -59,13 +59,13 @@ def check_payload_size(payload: torch.Tensor, header: Header, numel: int, need: 
                          f"got {payload.numel()}")
 
 
-def _decode_identity(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+def decode_identity_into(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
     """IDENTITY: ``8 + 4 numel`` bytes (shorter: ``ValueError``; trailing bytes ignored)."""
     check_payload_size(payload, header, numel, HEADER_BYTES + 4 * numel)
     out.copy_(_aligned(payload[HEADER_BYTES:HEADER_BYTES + 4 * numel], 4).view(torch.float32))
 
 
-def _decode_half(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+def decode_half_into(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
     """HALF: ``8 + 2 numel`` bytes (shorter: ``ValueError``; trailing bytes ignored)."""
     check_payload_size(payload, header, numel, HEADER_BYTES + 2 * numel)
     out.copy_(_aligned(payload[HEADER_BYTES:HEADER_BYTES + 2 * numel], 2).view(torch.float16))
@@ -314,7 +314,7 @@ class FPCodec(Codec):
                 f"expected_{'nmse' if self.criterion == 'mse' else 'relative_error'}": plan.expected_error}
 
 
-def _decode_fp(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+def decode_fp_into(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
     """FP: ``8 + ceil(numel bits / 8)`` bytes (shorter: ``ValueError``; trailing bytes ignored)."""
     if header.fmt is None:
         raise ValueError("FP payload without a value format in its header")

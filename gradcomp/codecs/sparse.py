@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -468,11 +469,11 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
     return FPPlan(fmt, int(k), float(err))
 
 
-def prune_fp_wire_bits(numel: int, nonzero_fraction: float, kept_fraction: float,
+def prune_fp_wire_bytes(numel: int, nonzero_fraction: float, kept_fraction: float,
                        value_bits: int) -> float:
-    """Return the expected payload size in BYTES of a PRUNE / PRUNE_FP payload.
+    """Return the expected payload size in bytes (header included) of a PRUNE / PRUNE_FP payload.
 
-    (The name counts the layout's bits; the result is bytes, header included.) For ``numel``
+    For ``numel``
     elements of which a fraction ``nonzero_fraction`` (``1 - S``) survives pruning and
     ``kept_fraction`` (``P(|x| > alpha)``) keeps its value at ``value_bits`` bits (32 for
     :class:`PruneCodec`, ``bits`` for :class:`PruneFPCodec`), with the entries independent::
@@ -486,7 +487,7 @@ def prune_fp_wire_bits(numel: int, nonzero_fraction: float, kept_fraction: float
     at sparsity 0.85, sigma 2 (nonzero 0.15, kept 0.050) with 6-bit values: 1.16 bits.
 
     Example:
-        >>> round(8 * prune_fp_wire_bits(1_000_000, 0.15, 0.05, 6) / 1_000_000, 3)
+        >>> round(8 * prune_fp_wire_bytes(1_000_000, 0.15, 0.05, 6) / 1_000_000, 3)
         1.164
     """
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
@@ -508,6 +509,7 @@ def prune_fp_wire_bits(numel: int, nonzero_fraction: float, kept_fraction: float
 class _PruneBase(Codec):
     uses_fit = True
     _value_bits: int
+    _with_values: ClassVar[bool]  # plans carry an FPPlan for the kept values (PRUNE_FP)
 
     def _alpha(self, fit, numel):
         check_plan_numel(numel)
@@ -521,7 +523,7 @@ class _PruneBase(Codec):
     def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None) -> float:
         """Expected payload bytes for ``numel`` elements whose usable entries follow ``fit``.
 
-        :func:`prune_fp_wire_bits` at the fractions of :func:`pruning_fractions` for the plan's
+        :func:`prune_fp_wire_bytes` at the fractions of :func:`pruning_fractions` for the plan's
         threshold (:meth:`plan` with this ``numel``), scaled by ``min(1, fit.count / numel)``
         (exact zeros are always pruned). ``fit=None``: all zeros.
         """
@@ -529,10 +531,10 @@ class _PruneBase(Codec):
             return float(HEADER_BYTES + PRUNE_FIXED_BYTES)
         nonzero, kept = pruning_fractions(fit, self._alpha(fit, numel))
         usable = min(1.0, fit.count / numel)
-        return prune_fp_wire_bits(numel, nonzero * usable, kept * usable, self._value_bits)
+        return prune_fp_wire_bytes(numel, nonzero * usable, kept * usable, self._value_bits)
 
     def _check_plan(self, plan) -> PrunePlan:
-        want_values = isinstance(self, PruneFPCodec)
+        want_values = self._with_values
         if not isinstance(plan, PrunePlan) or (plan.values is None) == want_values:
             kind = "values=FPPlan" if want_values else "values=None"
             raise ValueError(f"{type(self).__name__}.encode: plan must be a PrunePlan with {kind} "
@@ -638,6 +640,7 @@ class PruneCodec(_PruneBase):
     tag = CodecTag.PRUNE
     stochastic = True
     _value_bits = 32
+    _with_values = False
 
     def __init__(self, sparsity: float = 0.85, count_zeros: bool = True):
         self.sparsity = _check_sparsity(sparsity, "PruneCodec")
@@ -683,7 +686,7 @@ class PruneFPCodec(_PruneBase):
 
     Wire: the PRUNE_FP layout of :mod:`gradcomp.codecs.sparse`, ``bits``-bit value codes; size
     depends on the data, expectation :meth:`expected_wire_bytes` /
-    :func:`prune_fp_wire_bits`. At ``PruneFPCodec(0.85, 6)``, sigma 2, 1M elements: 1.16 bits
+    :func:`prune_fp_wire_bytes`. At ``PruneFPCodec(0.85, 6)``, sigma 2, 1M elements: 1.16 bits
     per element, header included (0.30 values, 0.15 kept flags, 0.10 signs, 0.61 positions).
 
     Reduce side: :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity, 0.3), max(bits, 8))``
@@ -717,6 +720,7 @@ class PruneFPCodec(_PruneBase):
     """
 
     tag = CodecTag.PRUNE_FP
+    _with_values = True
 
     def __init__(self, sparsity: float = 0.85, bits: int = 6, exp_bits: int | None = None,
                  rounding: str = "stochastic", count_zeros: bool = True):
@@ -799,7 +803,7 @@ def _prune_fields(payload: torch.Tensor, header: Header, numel: int, with_values
     return alpha, n, n_kept, unary_bits, k, values, flag_bytes, sign_bytes, rem, unary
 
 
-def _decode_prune(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+def decode_prune_into(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
     """PRUNE / PRUNE_FP: validated by :func:`_prune_fields` (also when flagged non-finite);
     malformed payloads raise ``ValueError``, trailing bytes are ignored."""
     alpha, n, n_kept, unary_bits, k, values, flag_bytes, sign_bytes, rem, unary = \
@@ -954,7 +958,7 @@ class TopKCodec(Codec):
         return TopKCodec(1.0)
 
 
-def _decode_topk(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
+def decode_topk_into(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:
     """TOPK: ``8 + 9 + 4 n + ceil(n k/8) + ceil(U/8)`` bytes with valid counts (checked also when
     flagged non-finite); malformed payloads raise ``ValueError``, trailing bytes are ignored."""
     n, unary_bits, k = _fixed_fields(payload, header, numel, _TOPK_FIXED)

@@ -10,7 +10,7 @@ from gradcomp.codecs import (PruneCodec, PruneFPCodec, PrunePlan, TopKCodec,
 from gradcomp.codecs.base import HEADER_BYTES, CodecTag
 from gradcomp.codecs.dense import FPPlan, min_scale_exp
 from gradcomp.codecs.sparse import (MAX_RICE_K, PRUNE_FIXED_BYTES, TOPK_FIXED_BYTES,
-                                    prune_fp_wire_bits, pruning_fractions, rice_expected_bits,
+                                    prune_fp_wire_bytes, pruning_fractions, rice_expected_bits,
                                     rice_parameter, tail_fp_plan, threshold_plan_alpha,
                                     truncated_log_moments)
 from gradcomp.packing import packed_size
@@ -312,13 +312,13 @@ def test_rice_model_matches_bernoulli_positions():
 
 
 def test_prune_fp_wire_bits_function():
-    b = prune_fp_wire_bits(BIG, 0.15, 0.05, 6)
+    b = prune_fp_wire_bytes(BIG, 0.15, 0.05, 6)
     assert abs(8 * b / BIG - 1.164) < 0.002
-    assert prune_fp_wire_bits(BIG, 0.15, 0.05, 32) > b
-    assert prune_fp_wire_bits(0, 0.0, 0.0, 6) == HEADER_BYTES + PRUNE_FIXED_BYTES
+    assert prune_fp_wire_bytes(BIG, 0.15, 0.05, 32) > b
+    assert prune_fp_wire_bytes(0, 0.0, 0.0, 6) == HEADER_BYTES + PRUNE_FIXED_BYTES
     for args in [(BIG, 0.1, 0.2, 6), (BIG, 1.5, 0.2, 6), (BIG, 0.2, 0.1, 0), (-1, 0.2, 0.1, 6)]:
         with pytest.raises(ValueError):
-            prune_fp_wire_bits(*args)
+            prune_fp_wire_bytes(*args)
 
 
 def test_plans_and_describe():

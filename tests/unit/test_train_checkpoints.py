@@ -48,7 +48,7 @@ def make_checkpoint(root: Path) -> Path:
     sd = state.state_dict()
     params = list(model.parameters())
     sd["residuals"] = {0: torch.full((params[0].numel(),), 1e-3), 2: torch.zeros(params[2].numel())}
-    sd["fits"] = {"0/1/0": [-6.0, 1.5, 100.0, 0.25]}
+    sd["fits"] = {"0/1/0/0": [-6.0, 1.5, 100.0, 0.25]}
     sd["step"] = 3
     torch.save({"format": 1, "world_size": 1, "hook": sd}, step_dir / "compression-rank0.pt")
     state.close()
@@ -253,8 +253,8 @@ COMP_CASES = [
     ("comp residual bad index", _hook_set("residuals", value=lambda r: {10**6: r[0]})),
     ("comp residual not a tensor", _hook_set("residuals", 0, value=lambda t: t.tolist())),
     ("comp fits bad key", _hook_set("fits", value={"a/b": [0.0, 1.0, 1.0, 1.0]})),
-    ("comp fits bad value", _hook_set("fits", "0/1/0", value=[0.0, "x"])),
-    ("comp fits NaN", _hook_set("fits", "0/1/0", value=[math.nan, 1.0, 1.0, 1.0])),
+    ("comp fits bad value", _hook_set("fits", "0/1/0/0", value=[0.0, "x"])),
+    ("comp fits NaN", _hook_set("fits", "0/1/0/0", value=[math.nan, 1.0, 1.0, 1.0])),
     ("comp stats a string", _hook_set("stats", "bytes_sent", value="many")),
     ("comp stats missing", _edit(CR, _drop("hook", "stats"))),
     ("comp hook config differs", _hook_set("config", "codec", value="FPCodec(bits=5)")),
