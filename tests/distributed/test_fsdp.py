@@ -1,0 +1,131 @@
+"""gradcomp.fsdp on spawned gloo ranks: FSDP2 reduce-scatter, HSDP, resume, failures."""
+
+import pytest
+import torch
+
+import gradcomp
+from gradcomp.collectives import expected_bytes_sent, expected_messages
+
+from . import fsdp_cases
+from .cases import rank_input
+from .harness import spawn
+
+SCALE = {"avg": None, "sum": 1.0, "premul": 0.25}
+
+
+def test_reduce_scatter_world_three(tmp_path):
+    _check_direct(3, spawn(3, fsdp_cases.direct_cases, tmp_path, timeout=120))
+
+
+def _check_direct(world: int, results: list) -> None:
+    codecs = fsdp_cases._codecs()
+    assert all(r["identity_equal"] for r in results)  # the dense path is FSDP's reduce-scatter
+    for key in results[0]:
+        if key == "identity_equal":
+            continue
+        name, s, dtype, op = key
+        codec = codecs[name]
+        bf16 = dtype == str(torch.bfloat16)
+        xs = torch.stack([rank_input(world * s, q).to(torch.bfloat16 if bf16 else torch.float32).double()
+                          for q in range(world)])
+        scale = SCALE[op] if SCALE[op] is not None else 1 / world
+        for r in range(world):
+            rr = results[r][key]
+            y = rr["y"]
+            assert y.dtype == (torch.bfloat16 if bf16 else torch.float32) and y.shape == (s,), key
+            # Bytes: every shard but this rank's own went out; fixed-size codecs exactly the
+            # cost model's (N-1)/N of the payload.
+            shards = rr["unit"]["shard_payload_bytes"]
+            assert rr["bytes"] == sum(b for j, b in enumerate(shards) if j != r), (key, r)
+            assert rr["unit"]["payload_bytes"] == sum(shards)
+            variable = codec.wire_bytes(1) is None
+            assert rr["unit"]["messages"] == expected_messages("reduce_scatter", world, int(variable))
+            if not variable:
+                assert shards == [codec.wire_bytes(s)] * world
+                assert rr["bytes"] == expected_bytes_sent("reduce_scatter", world, 4 * world * s, sum(shards))
+            if s < 1001:
+                continue
+            exact = xs[:, r * s:(r + 1) * s].sum(0) * scale
+            err = ((y.double() - exact).norm() / exact.norm()).item()
+            fmt = rr["unit"]["phase1"].get("format")
+            if name.startswith("fp"):  # one quantization stage (no re-encode), plus bf16's output rounding
+                m = gradcomp.FPFormat.from_name(fmt).man_bits
+                bound = 2.0 ** -(m + (1 if codec.rounding == "nearest" else 0)) + (2.0**-8 if bf16 else 0)
+                assert err <= bound, (key, r, err, bound)
+            else:
+                assert err < 0.9, (key, r, err)  # sparse codecs: most of the signal gets through
+
+
+def _check_hsdp(h: dict) -> None:
+    assert h["hsdp_2d_error"] and "set_all_reduce_hook" in h["hsdp_2d_error"]
+    native = h["native"]["full"]
+    for name in ("native", "native_rs_fp6", "identity", "fp6", "prune_fp"):
+        assert h[name]["replicas_equal"], name  # replicas of a shard hold the same bits
+    assert torch.equal(h["identity"]["full"], native)  # dense replica all-reduce == FSDP's own
+    for name, tol in (("native_rs_fp6", 0.02), ("fp6", 0.02), ("prune_fp", 0.2)):
+        rel = ((h[name]["full"] - native).norm() / native.norm()).item()
+        assert 0 < rel < tol, (name, rel)  # compressed (not bit-equal), yet close after 5 steps
+    for name in ("fp6", "prune_fp"):
+        st = h[name]["stats"]
+        assert st["replica_collective"] == "allgather"
+        for unit in st["units"].values():  # all-gather of the shard's payload to the other replica
+            assert unit["replica"]["bytes_sent"] == (2 - 1) * unit["replica"]["payload_bytes"]
+        assert st["replica_bytes_sent"] < st["replica_dense_bytes"] / 2
+    fp6 = h["fp6"]["stats"]["units"]
+    assert all(u["replica"]["payload_bytes"] == gradcomp.codecs.FPCodec(6).wire_bytes(u["numel"] // 2)
+               for u in fp6.values())
+    assert h["native_rs_fp6"]["stats"]["replica_bytes_sent"] == 0  # native HSDP: FSDP's own all-reduce
+
+
+def test_world_four_and_hsdp(tmp_path):
+    results = spawn(4, fsdp_cases.world4_case, tmp_path, timeout=240)
+    _check_direct(4, [r["direct"] for r in results])
+    for r in results:
+        _check_hsdp(r["hsdp"])
+
+
+def test_world_two_training_resume_errors_and_stall(tmp_path):
+    results = spawn(2, fsdp_cases.world2_case, tmp_path, 12, 3, 2.0, timeout=240)
+    _check_direct(2, [r["direct"] for r in results])
+    train = [r["train"] for r in results]
+    t = train[0]
+    # IdentityCodec is FSDP2's default reduce-scatter bit for bit, fp32 and bf16 reduce dtype.
+    for name, ref in (("identity", "default"), ("identity_bf16", "default_bf16")):
+        for r in range(2):
+            assert torch.equal(train[r][name]["params"], train[r][ref]["params_short"]), name
+            steps = train[r][name]["steps"]
+            assert torch.equal(train[r][name]["losses"], train[r][ref]["losses"][:steps]), name
+    # Compressed training ends within 1 point of FSDP2's default (the DDP tests' limit).
+    assert t["default"]["acc"] > 0.93, t["default"]["acc"]
+    for name in ("fp6", "prune_fp"):
+        assert t[name]["acc"] >= t["default"]["acc"] - 0.01, (name, t[name]["acc"], t["default"]["acc"])
+    assert t["fp6_bf16"]["acc"] >= t["default_bf16"]["acc"] - 0.01
+    assert t["fp6"]["stats"]["bits_per_element"] <= 6.2 + 0.4  # FSDP's padding counts too
+    assert t["prune_fp"]["stats"]["bits_per_element"] <= 3.0
+    for r in range(2):
+        for name, run in train[r].items():
+            assert run["consistent"], (r, name)  # all-gathered parameters identical on every rank
+            st = run["stats"]
+            if st is not None and name.startswith(("fp6", "prune_fp")):
+                dense_elem = 2 if name.endswith("bf16") else 4  # what FSDP's reduce-scatter sends per element
+                assert 0 < st["bytes_sent"] < st["dense_bytes"] * 1.2 / dense_elem, (name, st["bytes_sent"])
+                assert st["steps"] == run["steps"]
+                if name == "fp6":  # fixed size: (N-1)/N of the payload, exactly, per unit
+                    for u in st["units"].values():
+                        assert u["bytes_sent"] == expected_bytes_sent("reduce_scatter", 2, 4 * u["numel"],
+                                                                      u["payload_bytes"])
+        assert train[r]["fp6_bf16"]["stats"]["units"][0]["dtype"] == "bfloat16"
+    # Resume: 3 + 3 steps from a checkpoint (model, optimizer, gradcomp state) == 6 straight.
+    for r in range(2):
+        res = results[r]["resume"]
+        assert res["round_trip"] and res["resumed_equal"] and res["steps"] == 6, res
+        assert res["residual_keys"] == ["0/1", "1/1", "2/1"]
+        errors = res["errors"]
+        assert all(errors[k] for k in errors), errors  # each raised ValueError
+        assert "fully_shard" in errors["not_fsdp"] and "float16" in errors["fp16"]
+        assert "different settings" in errors["ranks_differ"]
+    # A stalled peer: rank 0's reduce-scatter fails after the state's timeout, later calls at once.
+    stall = results[0]["stall"]
+    assert stall["error"] and "gradcomp.fsdp" in stall["error"] and "2 s" in stall["error"], stall
+    assert 1.5 < stall["seconds"] < 10, stall
+    assert stall["later"] and "earlier collective" in stall["later"], stall
