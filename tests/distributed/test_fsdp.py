@@ -129,3 +129,31 @@ def test_world_two_training_resume_errors_and_stall(tmp_path):
     assert stall["error"] and "gradcomp.fsdp" in stall["error"] and "2 s" in stall["error"], stall
     assert 1.5 < stall["seconds"] < 10, stall
     assert stall["later"] and "earlier collective" in stall["later"], stall
+
+
+def test_train_loop_fsdp_bytes_and_bit_exact_resume(tmp_path):
+    from . import train_cases
+
+    base = dict(model="resnet2d", dataset="digits", width=8, batch_size=32, epochs=1, lr=0.2, seed=1,
+                progress=False, transport="fsdp")
+    prune_fp = dict(base, codec="prune-fp", sparsity=0.85, bits=6, checkpoint_every=7)
+    ck_a, ck_b = tmp_path / "a", tmp_path / "b"
+    runs = [("none", dict(base, codec="none"), None),
+            ("full", dict(prune_fp, checkpoint_dir=str(ck_a)), None),
+            ("crash", dict(prune_fp, checkpoint_dir=str(ck_b)), 17),
+            ("resumed", dict(prune_fp, checkpoint_dir=str(ck_b), resume=True), None)]
+    r0, r1 = spawn(2, train_cases.run_many, tmp_path, runs, timeout=240)
+    for name in ("none", "full", "resumed"):
+        assert r0[name]["final_accuracy"] == r1[name]["final_accuracy"], name
+        assert r0[name]["steps"] == 1437 // 64
+        assert r0[name]["final_accuracy"] > 0.6, (name, r0[name]["final_accuracy"])
+    none, full, res = r0["none"], r0["full"], r0["resumed"]
+    assert none["bits_per_element"] == 32 and none["bytes_source"].startswith("FSDP reduce-scatter model")
+    assert full["bytes_source"].startswith("measured by gradcomp.fsdp")
+    assert full["bits_per_element"] < 3.0 and full["bytes_sent_per_step"] < 0.25 * none["bytes_sent_per_step"]
+    assert r0["crash"] == {"crashed": True} and res["resumed_from_step"] == 14 and res["restarts"] == 1
+    # FSDP has no bucket rebuild: a resumed compressed run continues bit for bit (same keys, fits,
+    # residuals, sharded optimizer state), so the final checkpoints are equal.
+    a, b = train_cases.final_checkpoint_params(str(ck_a)), train_cases.final_checkpoint_params(str(ck_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert res["final_accuracy"] == full["final_accuracy"]
