@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gradcomp import codecs as C
 from gradcomp import fsdp
@@ -22,10 +22,13 @@ def _codecs() -> dict:
             "budget": C.BudgetCodec(2.0)}
 
 
-def direct_cases(rank: int, world: int) -> dict:
-    """The ReduceScatter object called as FSDP calls it: every codec x shard size x dtype x op."""
+def direct_cases(rank: int, world: int, only: tuple = ()) -> dict:
+    """The ReduceScatter object called as FSDP calls it: every codec (or ``only`` these) x shard
+    size x dtype x op."""
     out = {}
     for name, codec in _codecs().items():
+        if only and name not in only:
+            continue
         state = fsdp.FSDPCompressionState(codec, warmup_steps=0, refit_every=1, seed=5)
         state.bind()
         comm = fsdp.CompressedReduceScatter(state, 0)
@@ -54,7 +57,32 @@ def direct_cases(rank: int, world: int) -> dict:
     dist.reduce_scatter_single(ref, x.clone(), op=dist.ReduceOp.AVG)
     out["identity_equal"] = torch.equal(y, ref)
     state.close()
+    out["feedback"] = _feedback_steps(rank, world)
     return out
+
+
+def _feedback_steps(rank: int, world: int) -> list:
+    """Warm-up, refits every 2 steps, error feedback, and a step with inf on rank 1's input."""
+    state = fsdp.FSDPCompressionState(C.FPCodec(6), warmup_steps=1, refit_every=2, error_feedback=True, seed=1)
+    state.bind()
+    comm = fsdp.CompressedReduceScatter(state, 0)
+    s = 500
+    x = rank_input(world * s, rank)
+    bad = x.clone()
+    if rank == world - 1:
+        bad[3] = float("inf")  # in shard 0: rank 0's output
+    rows = []
+    for inp in (x, x, x * 8, x * 8, bad, x):
+        y = torch.empty(s)
+        comm(y, inp.clone(), None, dist.ReduceOp.AVG)
+        st = state.stats()
+        unit = st["units"][0]
+        res = state._residuals.get((0, 1))
+        rows.append({"y": y, "compressed": unit["compressed"], "scale": unit.get("phase1", {}).get("scale_exp"),
+                     "nonfinite_steps": st["nonfinite_steps"], "steps": st["steps"],
+                     "residual": None if res is None else res.clone()})
+    state.close()
+    return rows
 
 
 def _mlp(mesh, mp=None, reshard=True, seed=0):
@@ -183,6 +211,23 @@ def resume_and_errors_case(rank: int, world: int) -> dict:
     out["steps"] = state.stats()["steps"]
     state.close()
 
+    # set_force_sum_reduction_for_comms: FSDP passes SUM and divides afterwards; the same bits.
+    fulls = []
+    for force in (False, True):
+        progress(rank, f"force sum {force}")
+        model = _mlp(mesh)
+        if force:  # per FSDP module (the method does not recurse)
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.set_force_sum_reduction_for_comms(True)
+        state = fsdp.register(model, codec=C.FPCodec(6), warmup_steps=0, seed=3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        _steps(model, opt, rank, world, 0, 3)
+        fulls.append(_full(model).detach().clone())
+        out[f"ops_force_sum_{force}"] = sorted({u["op"] for u in state.stats()["units"].values()})
+        state.close()
+    out["force_sum_equal"] = torch.equal(fulls[0], fulls[1])
+
     # Settings FSDP2 (or this module) cannot serve: a clear ValueError at register().
     errors = {}
 
@@ -247,7 +292,7 @@ def world2_case(rank: int, world: int, epochs: int, short_epochs: int, timeout: 
 
 
 def world4_case(rank: int, world: int) -> dict:
-    return {"direct": direct_cases(rank, world), "hsdp": hsdp_case(rank, world)}
+    return {"direct": direct_cases(rank, world, only=("fp6", "prune_fp", "topk")), "hsdp": hsdp_case(rank, world)}
 
 
 def stall_case(rank: int, world: int, timeout: float) -> dict:
@@ -258,7 +303,7 @@ def stall_case(rank: int, world: int, timeout: float) -> dict:
     x = torch.randn(8, 64)
     loss = model(x).square().mean()
     if rank == 1:
-        time.sleep(timeout + 3)
+        time.sleep(timeout + 1.5)
         return {}
     t0 = time.perf_counter()
     try:

@@ -17,11 +17,34 @@ def test_reduce_scatter_world_three(tmp_path):
     _check_direct(3, spawn(3, fsdp_cases.direct_cases, tmp_path, timeout=120))
 
 
+def _check_feedback(world: int, results: list) -> None:
+    x = [rank_input(world * 500, q) for q in range(world)]
+    for r in range(world):
+        rows = results[r]["feedback"]
+        assert [row["steps"] for row in rows] == [1, 2, 3, 4, 5, 6]
+        assert [row["compressed"] for row in rows] == [False, True, True, True, True, True]  # warm-up 1
+        mine = torch.stack([q[r * 500:(r + 1) * 500] for q in x]).double()
+        # the warm-up is a dense fp32 reduce-scatter: within a few float32 ulps of sum |x_i| / N
+        assert ((rows[0]["y"].double() - mine.mean(0)).abs() <= 4 * 2.0**-24 * mine.abs().sum(0) / world).all()
+        # Refits every 2 compressed steps: x*8 keeps the old plan once, then the refit moves the
+        # power-of-two scale by exactly 3.
+        assert rows[2]["scale"] == rows[1]["scale"] and rows[3]["scale"] == rows[1]["scale"] + 3
+        assert rows[0]["residual"] is None and rows[1]["residual"] is not None
+        assert not torch.equal(rows[3]["residual"], rows[2]["residual"])  # committed each step
+        # The inf step: rank 0's shard is NaN, the others finite, every rank counts it and keeps
+        # the previous step's residual (the step's own is discarded everywhere).
+        assert rows[4]["nonfinite_steps"] == 1 and rows[5]["nonfinite_steps"] == 1
+        assert rows[4]["y"].isnan().all() if r == 0 else rows[4]["y"].isfinite().all()
+        assert torch.equal(rows[4]["residual"], rows[3]["residual"])
+        assert rows[5]["y"].isfinite().all() and not torch.equal(rows[5]["residual"], rows[4]["residual"])
+
+
 def _check_direct(world: int, results: list) -> None:
+    _check_feedback(world, results)
     codecs = fsdp_cases._codecs()
     assert all(r["identity_equal"] for r in results)  # the dense path is FSDP's reduce-scatter
     for key in results[0]:
-        if key == "identity_equal":
+        if key in ("identity_equal", "feedback"):
             continue
         name, s, dtype, op = key
         codec = codecs[name]
@@ -120,6 +143,8 @@ def test_world_two_training_resume_errors_and_stall(tmp_path):
         res = results[r]["resume"]
         assert res["round_trip"] and res["resumed_equal"] and res["steps"] == 6, res
         assert res["residual_keys"] == ["0/1", "1/1", "2/1"]
+        assert res["ops_force_sum_False"] == ["avg"] and res["ops_force_sum_True"] == ["sum"]
+        assert res["force_sum_equal"]  # sum, then FSDP's divide: the bits of the averaged path
         errors = res["errors"]
         assert all(errors[k] for k in errors), errors  # each raised ValueError
         assert "fully_shard" in errors["not_fsdp"] and "float16" in errors["fp16"]
