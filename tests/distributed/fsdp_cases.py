@@ -320,3 +320,35 @@ def _later_error(state) -> str | None:
     except RuntimeError as e:
         return str(e)
     return None
+
+
+def killed_peer_rank(rank: int, world: int, workdir: str) -> None:
+    """Rank 1 trains 2 steps, runs the third step's forward, then SIGKILLs itself; rank 0 records
+    how soon its ``backward()`` (whose first collective is gradcomp's reduce-scatter: no
+    all-gather in backward) raised, and what it said, then returns without tearing down."""
+    import os
+    import signal
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(workdir, "store"), world),
+                            rank=rank, world_size=world)
+    model = _mlp(init_device_mesh("cpu", (world,)), reshard=False)
+    fsdp.register(model, codec=C.FPCodec(6), timeout=60.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    result: dict = {"error": "backward never raised"}
+    for step in range(100):
+        g = torch.Generator().manual_seed(step * 10 + rank)
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 64, generator=g)),
+                                                 torch.randint(0, 10, (8,), generator=g))
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        opt.zero_grad()
+        t = time.monotonic()
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            result = {"step": step, "seconds": time.monotonic() - t, "message": str(exc)}
+            break
+        opt.step()
+    torch.save(result, Path(workdir) / f"dead{rank}.pt")

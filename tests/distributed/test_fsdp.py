@@ -182,3 +182,25 @@ def test_train_loop_fsdp_bytes_and_bit_exact_resume(tmp_path):
     a, b = train_cases.final_checkpoint_params(str(ck_a)), train_cases.final_checkpoint_params(str(ck_b))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res["final_accuracy"] == full["final_accuracy"]
+
+
+def test_killed_peer_fails_at_once(tmp_path):
+    """A killed peer is noticed at once (gloo sees the connection close), long before the state's
+    60 s timeout; the survivor's backward raises gradcomp's error and its process exits."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=fsdp_cases.killed_peer_rank, args=(r, 2, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        procs[0].join(90)
+        assert not procs[0].is_alive(), "the surviving rank neither failed nor exited (a hang)"
+        assert procs[0].exitcode == 0
+        res = torch.load(tmp_path / "dead0.pt")
+        assert res.get("step") == 2 and res["seconds"] < 10, res
+        assert "gradcomp.fsdp: reduce-scatter of unit" in res["message"] and "60 s" in res["message"], res
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
