@@ -621,10 +621,10 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
     ``(N-1)/N * 4 * numel``, plus the gradients' reduce-scatter: FSDP2's dense one, the same
     size, or gradcomp's compressed one, ``(N-1)/N`` of its payload
     (``expected_bytes_sent("reduce_scatter", ...)``, measured from the state's per-unit payloads).
-    The loopback count also holds what the model leaves out: the evaluation forwards all-gather
-    the parameters again (every ``eval_every`` steps, inside the counted step), and gloo's dense
-    ``reduce_scatter`` moves about ``2(N-1)/N`` of its input, like an all-reduce, not the ring's
-    ``(N-1)/N`` (so the fsdp_fp32 row's measured/model ratio is about 1.5 at N=2).
+    The evaluation forwards all-gather the parameters again; their bytes are measured and
+    subtracted. gloo's dense ``reduce_scatter`` moves about ``2(N-1)/N`` of its input, like an
+    all-reduce, not the ring's ``(N-1)/N`` (so the fsdp_fp32 row's measured/model ratio is about
+    1.5 at N=2).
     ``replicas_identical``: the all-gathered parameters have the same bits on every rank.
     """
     import torch
@@ -651,6 +651,7 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
     padded = sum(-(-p.shape[0] // world) * world * (p.numel() // max(p.shape[0], 1)) for p in model.parameters())
     gather = (world - 1) / world * 4 * padded
     times, counters, curve, losses, model_bytes = [], [], [], [], []
+    eval_tx = [0] * steps  # the evaluations' all-gathers, not training traffic
     wall, state_bytes0 = 0.0, None
     for step in range(steps):
         x, y = next(batches)
@@ -675,10 +676,17 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
         if rank == 0 and ((step + 1) % cfg["eval_every"] == 0 or step + 1 == steps):
             losses.append(float(loss.detach()))
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:  # FSDP forward: every rank
+            if counting:
+                eval_tx[step] -= _lo_tx_bytes()
             with torch.no_grad():
                 model.eval()
                 acc = float((model(data["x_test"]).argmax(1) == data["y_test"]).float().mean())
                 model.train()
+            for m in model.modules():  # as before the evaluation: the next step gathers again
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            if counting:
+                eval_tx[step] += _lo_tx_bytes()
             curve.append([step + 1, wall, acc])
         elif rank == 0:
             losses.append(float(loss.detach()))
@@ -717,7 +725,7 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
            "step_p90_s": q[min(len(q) - 1, math.ceil(0.9 * len(q)) - 1)], "train_wall_s": wall,
            "replicas_identical": identical, "curve": curve, **extra}
     if counting:
-        per_step = [(counters[i + 1] - counters[i] - barrier_bytes) / world for i in range(steps)]
+        per_step = [(counters[i + 1] - counters[i] - barrier_bytes - eval_tx[i]) / world for i in range(steps)]
         out["bytes_per_rank_per_step"] = statistics.fmean(per_step[skip:])
         out["bytes_per_rank_total"] = sum(per_step)
     return out
