@@ -90,6 +90,15 @@ METHODS = {m.name: m for m in [
     Method("prunefp_0.85_6", "ours", "PruneFPCodec(0.85, 6)", 1.2),
     Method("budget_1.5", "ours", "BudgetCodec(1.5)", 1.5),
 ]}
+# FSDP2 rows (gradcomp.fsdp): the same MLP under fully_shard, FSDP2's own reduce-scatter vs
+# gradcomp's compressed one. Parameters are all-gathered densely in both (one all-gather per
+# step: reshard_after_forward=False), so the link carries that too (see _timed_steps_fsdp).
+FSDP_METHODS = [
+    Method("fsdp_fp32", "fsdp", "FSDP2 default reduce-scatter (fp32)", 32),
+    Method("fsdp_fp6", "fsdp", "FSDP2 + gradcomp.fsdp FPCodec(6)", 6),
+    Method("fsdp_prunefp_0.85_6", "fsdp", "FSDP2 + gradcomp.fsdp PruneFPCodec(0.85, 6)", 1.2),
+]
+METHODS.update({m.name: m for m in FSDP_METHODS})
 QUICK_METHODS = ["fp32", "fp16_hook", "fp6", "prunefp_0.85_6"]
 POWERSGD_START_ITER = 2  # torch requires > 1 with error feedback / warm start; steps 0-1 are fp32
 # An explicit cap also sets DDP's first bucket to it, so the 1M-parameter MLP is one bucket for
@@ -492,6 +501,8 @@ def _barrier_bytes(rank: int, job: dict) -> float:
 
 def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_bytes):
     """Train one method; return rank 0's measurements (others return None)."""
+    if method.startswith("fsdp_"):
+        return _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, barrier_bytes)
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -600,6 +611,123 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
         out["bytes_model_per_rank_per_step"] = mb
         out["payload_bits_per_element"] = mb * 8 / (2 * (world - 1) / world * numel) if mb else None
         out["collective"] = "allreduce (ring)"
+    return out
+
+
+def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, barrier_bytes):
+    """Train one FSDP2 method (``fsdp_*``); return rank 0's measurements (others return None).
+
+    Cost model per rank and step: one dense fp32 all-gather of the (padded) parameters,
+    ``(N-1)/N * 4 * numel``, plus the gradients' reduce-scatter: FSDP2's dense one, the same
+    size, or gradcomp's compressed one, ``(N-1)/N`` of its payload
+    (``expected_bytes_sent("reduce_scatter", ...)``, measured from the state's per-unit payloads).
+    The evaluation forwards all-gather the parameters again; their bytes are measured and
+    subtracted. gloo's dense ``reduce_scatter`` moves about ``2(N-1)/N`` of its input, like an
+    all-reduce, not the ring's ``(N-1)/N`` (so the fsdp_fp32 row's measured/model ratio is about
+    1.5 at N=2).
+    ``replicas_identical``: the all-gathered parameters have the same bits on every rank.
+    """
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from gradcomp import fsdp
+    from gradcomp.collectives import expected_bytes_sent
+
+    cfg = job["cfg"]
+    model = _build_model(data, cfg["width"], seed)
+    mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=(f"dp_{group.group_name}",))
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    codec = {"fsdp_fp6": lambda: _codec("fp6"), "fsdp_prunefp_0.85_6": lambda: _codec("prunefp_0.85_6")}
+    state = fsdp.register(model, codec[method](), seed=seed) if method in codec else None
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+    batches = _batches(data, cfg["global_batch"] // world, rank, world, seed)
+    steps, skip = cfg["steps"], cfg["skip_steps"]
+    padded = sum(-(-p.shape[0] // world) * world * (p.numel() // max(p.shape[0], 1)) for p in model.parameters())
+    gather = (world - 1) / world * 4 * padded
+    times, counters, curve, losses, model_bytes = [], [], [], [], []
+    eval_tx = [0] * steps  # the evaluations' all-gathers, not training traffic
+    wall, state_bytes0 = 0.0, None
+    for step in range(steps):
+        x, y = next(batches)
+        dist.barrier(group)
+        if counting:
+            counters.append(_lo_tx_bytes())
+        if state is not None and step == skip:
+            state_bytes0 = state.stats()["bytes_sent"]
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        wall += dt
+        if step >= skip:
+            units = state.stats()["units"].values() if state is not None else []
+            rs = sum(expected_bytes_sent("reduce_scatter", world, 4 * u["numel"], u["payload_bytes"])
+                     for u in units) if state is not None else gather
+            model_bytes.append(gather + rs)
+        if rank == 0 and ((step + 1) % cfg["eval_every"] == 0 or step + 1 == steps):
+            losses.append(float(loss.detach()))
+        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:  # FSDP forward: every rank
+            if counting:
+                eval_tx[step] -= _lo_tx_bytes()
+            with torch.no_grad():
+                model.eval()
+                acc = float((model(data["x_test"]).argmax(1) == data["y_test"]).float().mean())
+                model.train()
+            for m in model.modules():  # as before the evaluation: the next step gathers again
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            if counting:
+                eval_tx[step] += _lo_tx_bytes()
+            curve.append([step + 1, wall, acc])
+        elif rank == 0:
+            losses.append(float(loss.detach()))
+    dist.barrier(group)
+    if counting:
+        counters.append(_lo_tx_bytes())
+    for m in model.modules():  # reshard_after_forward=False left the last eval's parameters unsharded
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    flat = torch.cat([p.full_tensor().detach().flatten() for p in model.parameters()])
+    mine_sum = torch.tensor([int(flat.view(torch.int32).to(torch.int64).sum())])
+    sums = [torch.empty_like(mine_sum) for _ in range(world)]
+    dist.all_gather(sums, mine_sum, group=group)
+    identical = all(bool(torch.equal(t, sums[0])) for t in sums)
+    extra = {}
+    if state is not None:
+        st = state.stats()
+        mine = torch.tensor([st["bits_per_element"], (st["bytes_sent"] - state_bytes0) / (steps - skip),
+                             statistics.fmean(model_bytes)], dtype=torch.float64)
+        dist.all_reduce(mine, group=group)
+        bits, rs_steady, model_steady = (mine / world).tolist()
+        extra = {"hook_bytes_per_rank_per_step": rs_steady, "payload_bits_per_element": bits,
+                 "bytes_model_per_rank_per_step": model_steady,
+                 "messages_per_rank_per_step": st["messages"] / max(st["steps"], 1),
+                 "collective": "FSDP2 all-gather + gradcomp reduce-scatter"}
+        state.close()
+    else:
+        extra = {"bytes_model_per_rank_per_step": 2 * gather, "payload_bits_per_element": 32.0,
+                 "collective": "FSDP2 all-gather + reduce-scatter"}
+    if rank != 0:
+        return None
+    steady = times[skip:]
+    q = sorted(steady)
+    out = {"params": sum(p.numel() for p in model.parameters()), "steps": steps, "final_accuracy": curve[-1][2],
+           "final_loss": statistics.fmean(losses[-5:]), "step_p50_s": statistics.median(steady),
+           "step_p90_s": q[min(len(q) - 1, math.ceil(0.9 * len(q)) - 1)], "train_wall_s": wall,
+           "replicas_identical": identical, "curve": curve, **extra}
+    if counting:
+        per_step = [(counters[i + 1] - counters[i] - barrier_bytes - eval_tx[i]) / world for i in range(steps)]
+        out["bytes_per_rank_per_step"] = statistics.fmean(per_step[skip:])
+        out["bytes_per_rank_total"] = sum(per_step)
     return out
 
 
@@ -1133,7 +1261,7 @@ def _plots(summary: dict, cfg: SweepConfig) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colors = {"baseline": "black", "torch": "tab:blue", "topk": "tab:purple", "ours": "tab:red"}
+    colors = {"baseline": "black", "torch": "tab:blue", "topk": "tab:purple", "ours": "tab:red", "fsdp": "tab:green"}
     ns = list(cfg.world_sizes)
     # accuracy vs bits: accuracy does not depend on the link; use the first rate with data
     fig, axes = plt.subplots(1, len(ns), figsize=(max(9, 6 * len(ns)), 4.8), squeeze=False)

@@ -79,7 +79,11 @@ def choose_collective(collective: str, codec: Codec, world_size: int) -> str:
 
 
 def expected_bytes_sent(collective: str, world_size: int, dense_bytes: int, payload_bytes: int) -> float:
-    """Cost-model bytes one rank sends for one bucket (see the module docstring)."""
+    """Cost-model bytes one rank sends for one bucket (see the module docstring).
+
+    ``collective`` may also be ``"reduce_scatter"`` (phase 1 alone, as FSDP's reduce-scatter:
+    ``(N-1)/N * payload_bytes``).
+    """
     n = world_size
     if n <= 1:
         return 0.0
@@ -87,6 +91,8 @@ def expected_bytes_sent(collective: str, world_size: int, dense_bytes: int, payl
         return 2 * (n - 1) / n * dense_bytes
     if collective == "allgather":
         return (n - 1) * payload_bytes
+    if collective == "reduce_scatter":  # one phase: each rank keeps 1/N of its payload
+        return (n - 1) / n * payload_bytes
     return 2 * (n - 1) / n * payload_bytes
 
 
@@ -100,7 +106,7 @@ def expected_messages(collective: str, world_size: int, sizes_exchanged: int = 0
     n = world_size
     if n <= 1:
         return 0
-    rounds = {"allreduce": 2, "allgather": 1, "two_phase": 2}[collective]
+    rounds = {"allreduce": 2, "allgather": 1, "two_phase": 2, "reduce_scatter": 1}[collective]
     return (n - 1) * (rounds + sizes_exchanged)
 
 
@@ -332,22 +338,49 @@ def two_phase_mean(
     transport = as_transport(group)
     rank, n = transport.rank, transport.world_size
     bounds = shard_bounds(numel, n)
-    payloads = [encode(j, a, b) for j, (a, b) in enumerate(bounds)]
     own_numel = bounds[rank][1] - bounds[rank][0]
-    recv1 = [fixed_size(*bounds[rank])] * n if fixed_size is not None else None
-    res1 = transport.all_to_all(payloads, recv1)
-
-    mean = decode_mean(res1.received, own_numel,
-                       torch.empty(own_numel, dtype=torch.float32, device=out.device), n)
+    mean = torch.empty(own_numel, dtype=torch.float32, device=out.device)
+    rs1 = reduce_scatter_mean(bounds, mean, encode, transport, fixed_size, n)
     reduced = reduce_encode(mean)
 
     recv2 = [reduce_fixed_size(a, b) for a, b in bounds] if reduce_fixed_size is not None else None
     res2 = transport.all_gather(reduced, recv2)
     for (a, b), p in zip(bounds, res2.received):
         decode_payload(p, b - a, out=out[a:b])
-    return ReduceStats(bytes_sent=res1.bytes_sent + res2.bytes_sent,
-                       payload_bytes=sum(p.numel() for p in payloads),
+    return ReduceStats(bytes_sent=rs1.bytes_sent + res2.bytes_sent,
+                       payload_bytes=rs1.payload_bytes,
                        reduce_payload_bytes=reduced.numel(),
-                       shard_payload_bytes=tuple(p.numel() for p in payloads),
-                       messages=res1.messages + res2.messages,
+                       shard_payload_bytes=rs1.shard_payload_bytes,
+                       messages=rs1.messages + res2.messages,
                        nonfinite=_any_flagged(res2.received))
+
+
+def reduce_scatter_mean(
+    bounds: list[tuple[int, int]],
+    out: torch.Tensor,
+    encode: Encoder,
+    group,
+    fixed_size: FixedSize | None,
+    divisor: int,
+) -> ReduceStats:
+    """Compressed reduce-scatter (phase 1 of :func:`two_phase_mean`): this rank's shard of the sum.
+
+    ``bounds[j]`` is shard ``j``'s ``(start, stop)``; ``encode(j, start, stop)`` encodes this
+    rank's shard ``j``, which goes to rank ``j`` (one ``all_to_all``); ``fixed_size(start, stop)``
+    is a fixed-size codec's payload size (no size exchange), else ``fixed_size`` is ``None``. ``out`` (fp32, the size of
+    this rank's shard) receives ``(decode(p_0) + ... + decode(p_last)) / divisor``, summed in fp32
+    in rank order (:func:`decode_mean`). Bytes on the wire: the ``N-1`` shards sent to the other
+    ranks, ``(N-1)/N`` of the payload for equal shards (``expected_bytes_sent("reduce_scatter",
+    ...)``). ``nonfinite`` reports a flagged payload among those *this rank* received (its shard
+    only: other ranks may see finite shards).
+    """
+    transport = as_transport(group)
+    rank, n = transport.rank, transport.world_size
+    payloads = [encode(j, a, b) for j, (a, b) in enumerate(bounds)]
+    own_numel = bounds[rank][1] - bounds[rank][0]
+    recv = [fixed_size(*bounds[rank])] * n if fixed_size is not None else None
+    res = transport.all_to_all(payloads, recv)
+    decode_mean(res.received, own_numel, out, divisor)
+    return ReduceStats(bytes_sent=res.bytes_sent, payload_bytes=sum(p.numel() for p in payloads),
+                       shard_payload_bytes=tuple(p.numel() for p in payloads), messages=res.messages,
+                       nonfinite=_any_flagged(res.received))

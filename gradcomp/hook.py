@@ -164,6 +164,20 @@ def _group_timeout(group) -> datetime.timedelta | None:
     return None
 
 
+def copy_group(group, timeout: datetime.timedelta | None, desc: str):
+    """A new process group with ``group``'s ranks and backend (``None``: the default group).
+
+    Returns ``(new_group, timeout)``: ``timeout`` if given, else ``group``'s own. Collective
+    over ``group``'s members: the whole world when ``group`` spans it (torch's own counter names
+    the group), else only the members synchronise (``use_local_synchronization``).
+    """
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    whole = len(ranks) == dist.get_world_size()
+    timeout = timeout if timeout is not None else _group_timeout(group)
+    return dist.new_group(ranks=None if whole else ranks, timeout=timeout, backend=dist.get_backend(group),
+                          use_local_synchronization=not whole, group_desc=desc), timeout
+
+
 class CompressionState:
     """State of :func:`compression_hook`: settings, per-bucket fits and residuals, statistics.
 
@@ -269,14 +283,8 @@ class CompressionState:
             self._check_same_settings_on_all_ranks()
 
     def _new_comm_group(self, group):
-        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        whole = len(ranks) == dist.get_world_size()
-        timeout = self._comm_timeout = self.timeout if self.timeout is not None else _group_timeout(group)
-        # The whole world: every process calls (the usual path, torch's own counter names the
-        # group). A sub-group: only its members build the state, so only they synchronise.
-        return dist.new_group(ranks=None if whole else ranks, timeout=timeout,
-                              backend=dist.get_backend(group), use_local_synchronization=not whole,
-                              group_desc="gradcomp_hook")
+        comm, self._comm_timeout = copy_group(group, self.timeout, "gradcomp_hook")
+        return comm
 
     def _check_same_settings_on_all_ranks(self) -> None:
         """Fail now, on every rank, if ranks were given different settings.

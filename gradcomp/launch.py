@@ -3,8 +3,10 @@
 Starts an embedded local Ray (the default) or connects to an existing cluster (``--address``),
 runs :func:`gradcomp.train.train` in ``--workers`` Ray Train workers (``TorchTrainer``: gloo on
 CPU, NCCL on GPU; the hook is registered inside the train function, and not at all with one
-worker) or, with ``--transport horovod``, in Horovod workers (``horovod.ray.RayExecutor``),
-prints a results table and writes ``OUTPUT/results.json``.
+worker) or, with ``--transport horovod``, in Horovod workers (``horovod.ray.RayExecutor``);
+``--strategy fsdp`` (an alias of ``--transport``) shards the model with FSDP2 in the Ray Train
+workers and compresses its reduce-scatter (:mod:`gradcomp.fsdp`). It prints a results table
+and writes ``OUTPUT/results.json``.
 
 Fault tolerance: checkpoints every ``--checkpoint-every`` steps and at each epoch end (model,
 optimizer and every rank's compression state) go through Ray Train checkpoints;
@@ -126,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=_positive_int, default=2, help="training workers (ranks)")
     g.add_argument("--address", default=None,
                    help="existing Ray cluster (host:port, 'auto' or ray://...); default: start an embedded local Ray")
-    g.add_argument("--transport", choices=TRANSPORTS, default="ddp", help="DDP hooks or Horovod alltoall/allgather")
+    g.add_argument("--transport", "--strategy", dest="transport", choices=TRANSPORTS, default="ddp",
+                   help="ddp: DDP hooks; horovod: Horovod alltoall/allgather; fsdp: FSDP2 fully_shard with "
+                        "gradcomp's compressed reduce-scatter (gradcomp.fsdp)")
     g.add_argument("--cpus-per-worker", type=_positive_int, default=1)
     g.add_argument("--gpus-per-worker", type=_nonneg_int, default=0, help="0: CPU and gloo; >= 1: CUDA and NCCL")
     g.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), default="PACK",

@@ -104,17 +104,23 @@ class PlanCache:
         if codec.wire_bytes(1) is None:
             return None
 
+        def wire(numel: int) -> int:
+            size = codec.wire_bytes(numel)
+            if size is None:  # a fixed-size codec's size is known for every numel
+                raise ValueError(f"{codec!r}: wire_bytes({numel}) is None for a fixed-size codec")
+            return size
+
         def size(start: int, stop: int) -> int:
             points = self.segment_points(layout, start, stop)
             if len(points) <= 2:
-                return codec.wire_bytes(stop - start)
-            return segments_wire_bytes([codec.wire_bytes(b - a) for a, b in zip(points, points[1:])])
+                return wire(stop - start)
+            return segments_wire_bytes([wire(b - a) for a, b in zip(points, points[1:])])
         return size
 
     def describe(self, codec: Codec, shard_key: tuple) -> dict:
         """The codec's summary of a shard's plan: its first segment's, with the segment count and
         every segment's format when there are several."""
-        plans = []
+        plans: list[Any] = []
         while (plan_key := shard_key + (len(plans),)) in self.plans:
             plans.append(self.plans[plan_key])
         info = codec.describe(plans[0] if plans else None)

@@ -61,7 +61,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
 ERROR_FEEDBACK = ("auto", "none", "worker", "reduce", "both")
 DEVICES = ("auto", "cpu", "cuda")
-TRANSPORTS = ("ddp", "horovod")
+TRANSPORTS = ("ddp", "horovod", "fsdp")
 CHECKPOINT_FORMAT = 1
 
 
@@ -88,7 +88,10 @@ class TrainConfig:
     exp_bits: lognormal split), ``sparsity`` (prune codecs), ``budget_bits`` (budget codec),
     ``topk_ratio`` (topk), ``powersgd_rank``, ``error_feedback`` (``"auto"``: on for topk only,
     the one biased codec), ``warmup_steps`` / ``refit_every`` / ``collective`` (see
-    :class:`gradcomp.CompressionState`), ``transport`` (``"ddp"`` or ``"horovod"``).
+    :class:`gradcomp.CompressionState`), ``transport`` (``"ddp"``, ``"horovod"``, or ``"fsdp"``:
+    FSDP2 ``fully_shard`` on each top-level child with parameters and the root, gradients
+    reduce-scattered by :func:`gradcomp.fsdp.register`; ``codec="none"`` keeps FSDP2's own
+    reduce-scatter).
 
     Optimisation: ``optimizer``, ``lr`` (for the global batch; not rescaled), ``momentum``,
     ``weight_decay``, ``schedule`` (cosine decay to 0 over the run, or constant),
@@ -218,6 +221,9 @@ class TrainConfig:
             # too, but saying it here fails before any worker starts.
             raise ValueError(f"TrainConfig.collective='allreduce' needs a summable payload; codec "
                              f"{self.codec!r} is not (use 'auto', 'two_phase' or 'allgather')")
+        if self.transport == "fsdp" and self.codec == "powersgd":
+            raise ValueError("TrainConfig: codec 'powersgd' is torch's DDP hook; FSDP2 has no place for it "
+                             "(its gradients are reduce-scattered, not all-reduced)")
         if self.transport == "horovod" and self.codec == "powersgd":
             raise ValueError("TrainConfig: codec 'powersgd' is torch's DDP hook; it has no Horovod transport")
 
@@ -371,12 +377,23 @@ class _Hook:
     """The communication hook of one run and how to account for its bytes."""
 
     def __init__(self, config: TrainConfig, ddp: nn.Module | None, model: nn.Module, world: int,
-                 horovod_optimizer=None):
+                 horovod_optimizer=None, fsdp: bool = False):
         self.kind = config.codec
         self.state = None
         self.world = world
         self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.horovod_optimizer = horovod_optimizer  # carries its own compression state
+        self.fsdp = fsdp
+        if fsdp:
+            from . import codecs
+            from .fsdp import register as register_fsdp
+
+            codec = codecs.HalfCodec() if config.codec == "fp16" else build_codec(config)
+            if codec is not None:
+                self.state = register_fsdp(model, codec, error_feedback=_error_feedback(config),
+                                           warmup_steps=config.warmup_steps, refit_every=config.refit_every,
+                                           seed=config.seed, timeout=config.timeout)
+            return
         if ddp is None:
             return
         if config.codec == "fp16":
@@ -403,6 +420,16 @@ class _Hook:
         """Bytes this rank sent per step and bits per gradient element (``estimated`` says how)."""
         if self.world <= 1:
             return {"bytes_sent_per_step": 0.0, "bits_per_element": None, "bytes_source": "single process"}
+        if self.fsdp and self.state is None:  # FSDP2's own fp32 reduce-scatter
+            return {"bytes_sent_per_step": (self.world - 1) / self.world * 4 * self.numel,
+                    "bits_per_element": 32.0,
+                    "bytes_source": "FSDP reduce-scatter model (parameter all-gathers not counted)"}
+        if self.fsdp:
+            s = self.state.stats()
+            return {"bytes_sent_per_step": s["bytes_sent"] / max(s["steps"], 1),
+                    "bits_per_element": s["bits_per_element"] or (16.0 if self.kind == "fp16" else 32.0),
+                    "bytes_source": "measured by gradcomp.fsdp (reduce-scatter; parameter all-gathers not counted)",
+                    "compression_ratio": s["compression_ratio"], "collective": s["collective"]}
         if self.horovod_optimizer is not None:
             s = self.horovod_optimizer.stats()
             return {"bytes_sent_per_step": s["bytes_sent"] / max(s["steps"], 1),
@@ -425,7 +452,8 @@ class _Hook:
     @property
     def has_state(self) -> bool:
         """Whether this run's hook keeps per-rank state a checkpoint must restore."""
-        return self.horovod_optimizer is not None or (self.kind in OUR_CODECS and self.state is not None)
+        return self.horovod_optimizer is not None or (self.kind in OUR_CODECS and self.state is not None) \
+            or (self.fsdp and self.state is not None)
 
     @property
     def powersgd_rank(self) -> int:
@@ -434,7 +462,7 @@ class _Hook:
     def state_dict(self):
         if self.horovod_optimizer is not None:
             return self.horovod_optimizer.compression_state_dict()
-        if self.kind in OUR_CODECS and self.state is not None:
+        if (self.kind in OUR_CODECS or self.fsdp) and self.state is not None:
             return self.state.state_dict()
         return None
 
@@ -550,8 +578,9 @@ def save_checkpoint(checkpoint_dir: Path, d: _Dist, model: nn.Module, optimizer,
     step_dir.mkdir(parents=True, exist_ok=True)  # a non-shared file system: each node has its own
     _atomic_save({"format": CHECKPOINT_FORMAT, "world_size": d.world_size, "hook": hook.state_dict()},
                  step_dir / f"compression-rank{d.rank}.pt")
+    model_sd, optim_sd = _full_state(model, optimizer)  # FSDP: every rank all-gathers the shards
     if d.rank == 0:
-        main = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        main = {"format": CHECKPOINT_FORMAT, "model": model_sd, "optimizer": optim_sd,
                 "progress": dict(progress), "gradquant_steps": [g.step for g in gradquant],
                 "world_size": d.world_size}
         if config is not None:
@@ -711,6 +740,33 @@ def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
     return step
 
 
+def _check_fsdp_compression_state(sd, path: Path, model: nn.Module) -> int:
+    """Validate a :meth:`gradcomp.fsdp.FSDPCompressionState.state_dict`; return its step."""
+    from .fsdp import STATE_VERSION
+
+    _need_dict(sd, path, "'hook'", ("version", "config", "step", "fits", "residuals", "stats", "rank", "world_size"))
+    _need(sd["version"] == STATE_VERSION, path, f"'hook' is version {sd['version']!r}, not {STATE_VERSION}")
+    _need_dict(sd["config"], path, "'hook'['config']")
+    step = _need_count(sd["step"], path, "'hook'['step']")
+    total = sum(p.numel() for p in model.parameters())
+    for k, t in _need_dict(sd["residuals"], path, "'hook'['residuals']").items():
+        parts = k.split("/") if isinstance(k, str) else []
+        _need(len(parts) == 2 and all(x.isdigit() for x in parts), path, f"'hook'['residuals'] has key {k!r}")
+        _need_finite_tensor(t, path, f"'hook'['residuals'][{k!r}]")
+        _need(t.dim() == 1 and t.is_floating_point() and t.numel() <= 2 * total + 64, path,
+              f"'hook'['residuals'][{k!r}] has shape {tuple(t.shape)} (a residual of another model)")
+    for k, v in _need_dict(sd["fits"], path, "'hook'['fits']").items():
+        parts = k.split("/") if isinstance(k, str) else []
+        _need(len(parts) == 3 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
+        _need(isinstance(v, list) and (not v or (len(v) == 4 and all(isinstance(x, (int, float)) for x in v)
+                                               and math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] >= 0
+                                               and v[2] >= 0 and v[3] >= 0)), path,
+              f"'hook'['fits'][{k!r}] is {v!r}; a fit is [mu, sigma >= 0, count, max_abs] or []")
+    for k, v in _need_dict(sd["stats"], path, "'hook'['stats']").items():
+        _need(_is_real(v) and v >= 0, path, f"'hook'['stats'][{k!r}] is {v!r}")
+    return step
+
+
 @dataclass
 class _Loaded:
     """One rank's validated checkpoint, not yet applied."""
@@ -773,7 +829,8 @@ def read_checkpoint(step_dir: str | os.PathLike, d: _Dist, model: nn.Module, opt
         loaded.comp_status = "afresh"
         loaded.note = "checkpoint was written without compression state (another codec); it starts afresh"
     else:
-        loaded.hook_step = _check_compression_state(c["hook"], comp, model)
+        check = _check_fsdp_compression_state if hook.fsdp else _check_compression_state
+        loaded.hook_step = check(c["hook"], comp, model)
         want = hook.compression_config()
         _need(want is None or c["hook"]["config"] == want, comp,
               f"holds compression state written with {c['hook']['config']}, this run's is {want}; resume with the "
@@ -787,8 +844,8 @@ def apply_checkpoint(loaded: _Loaded, model: nn.Module, optimizer, hook: _Hook, 
     main = loaded.main
     main_path = loaded.step_dir / "model.pt"
     try:
-        model.load_state_dict(main["model"])
-        optimizer.load_state_dict(main["optimizer"])
+        model.load_state_dict(_shard_like(main["model"], model.state_dict()))
+        optimizer.load_state_dict(_shard_optimizer_like(main["optimizer"], optimizer))
     except Exception as exc:
         raise CheckpointError(main_path, f"does not fit this run ({type(exc).__name__}: "
                                          f"{' '.join(str(exc).split())[:300]})") from exc
@@ -970,6 +1027,9 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
         bundle = data.load_dataset(config.dataset, seed=config.seed, num_train=config.num_train)
         model, gradquant = build_model(config, bundle)
         model.to(device)
+        fsdp = config.transport == "fsdp" and d.world_size > 1
+        if fsdp:  # before the optimizer: fully_shard replaces the parameters by sharded DTensors
+            _fully_shard(model, d, device)
         optimizer = _optimizer(config, model)
         ddp = None
         net = model
@@ -981,7 +1041,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
                 error_feedback=_error_feedback(config), seed=config.seed, collective=config.collective,
                 warmup_steps=config.warmup_steps, refit_every=config.refit_every)
             d.horovod.broadcast_parameters(model.state_dict(), root_rank=0)
-        elif d.world_size > 1:
+        elif d.world_size > 1 and not fsdp:
             ddp_kw = {}
             if config.codec == "powersgd":
                 # torch's PowerSGD hook blocks gloo's worker threads in nested all_reduce().wait()
@@ -992,7 +1052,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
             ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, process_group=d.group, **ddp_kw)
             net = ddp
-        hook = _Hook(config, ddp, model, d.world_size, optimizer if d.horovod is not None else None)
+        hook = _Hook(config, ddp, model, d.world_size, optimizer if d.horovod is not None else None, fsdp=fsdp)
         loader = data.make_loader(bundle.train, config.batch_size, rank=d.rank, world_size=d.world_size,
                                   seed=config.seed, shuffle=True, drop_last=True)
         per_epoch = len(loader)
@@ -1154,6 +1214,63 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
                 pass
         if d.owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _fully_shard(model: nn.Module, d: _Dist, device: torch.device) -> None:
+    """FSDP2: ``fully_shard`` each top-level child that holds parameters, then the root.
+
+    The mesh is ``d.group`` (train()'s group with ``config.timeout``) or the default group.
+    """
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if d.group is not None:
+        # A dimension name unique to this group: meshes over the same ranks compare equal, and
+        # DTensor's caches would hand a later run (a second train() in the process) the mesh of
+        # an earlier run's destroyed group.
+        mesh = DeviceMesh.from_group(d.group, device.type, mesh_dim_names=(f"dp_{d.group.group_name}",))
+    else:
+        mesh = init_device_mesh(device.type, (d.world_size,))
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor().detach().cpu() if isinstance(t, DTensor) else t
+
+
+def _full_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state dicts with whole tensors (FSDP's shards all-gathered, every rank
+    in the same order; DDP's own dicts otherwise, so both write one checkpoint format)."""
+    model_sd = {k: _full(v) for k, v in model.state_dict().items()}
+    osd = optimizer.state_dict()
+    optim_sd = {"state": {i: {k: _full(v) for k, v in st.items()} for i, st in osd["state"].items()},
+                "param_groups": osd["param_groups"]}
+    return model_sd, optim_sd
+
+
+def _shard(full, like):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor) and not isinstance(full, DTensor):  # each rank cuts its own shard
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)
+    return full
+
+
+def _shard_like(sd: dict, ref: dict) -> dict:
+    return {k: _shard(v, ref[k]) if k in ref else v for k, v in sd.items()}
+
+
+def _shard_optimizer_like(sd: dict, optimizer) -> dict:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {i: {k: _shard(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() > 0 and _is_int(i)
+                 and 0 <= i < len(params) else v for k, v in st.items()} for i, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
 
 
 def _horovod_dense(config: TrainConfig):

@@ -78,6 +78,25 @@ def test_embedded_ray_st_prune_fp(tmp_path):
     assert events[0] == "start" and events[-1] == "end"
 
 
+def test_embedded_ray_fsdp_prune_fp(tmp_path):
+    """``--strategy fsdp``: FSDP2 in the Ray Train workers, gradcomp's compressed reduce-scatter."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [_launch_bin(), "--workers", "2", "--strategy", "fsdp", "--codec", "prune-fp", "--dataset", "mnist1d",
+         "--model", "resnet1d", "--width", "16", "--epochs", "1", "--max-steps", "8", "--quiet",
+         "--output", str(out)],
+        capture_output=True, text=True, env=dict(os.environ, RAY_DEDUP_LOGS="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 8 and res["world_size"] == 2 and res["config"]["transport"] == "fsdp"
+    assert res["bytes_source"].startswith("measured by gradcomp.fsdp") and res["collective"] == "reduce_scatter"
+    assert 0 < res["bits_per_element"] < 2.5 and 0 <= res["final_accuracy"] <= 1
+    # under a quarter of FSDP2's fp32 reduce-scatter, (N-1)/N * 4 bytes * parameters, warm-up step included
+    assert 0 < res["bytes_sent_per_step"] < 0.25 * (1 / 2) * 4 * res["parameters"]
+    assert sorted(p.name for p in (out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip())
+                  .iterdir()) == ["compression-rank0.pt", "compression-rank1.pt", "model.pt"]
+
+
 def test_two_nodes_strict_spread_survives_a_killed_worker(tmp_path, monkeypatch):
     """Two Ray nodes on this machine, one worker per node; rank 1 is SIGKILLed at step 12 and the
     group restarts from the step-10 checkpoint and finishes."""

@@ -24,6 +24,7 @@ from gradcomp.launch import build_parser, config_from_args, format_table, main
     (["--lr", "-1"], "--lr must be a number"),
     (["--dataset", "imagenet"], "invalid choice"),
     (["--transport", "horovod", "--codec", "powersgd"], "powersgd"),
+    (["--strategy", "fsdp", "--codec", "powersgd"], "FSDP2 has no place for it"),
     (["--inject-fault", "5:3"], "--inject-fault rank 5 >= --workers 2"),
     (["--inject-fault", "x"], "RANK:STEP"),
     (["--address", " "], "--address is empty"),
@@ -58,6 +59,7 @@ def test_config_mapping_and_table(tmp_path):
     cfg = config_from_args(args, tmp_path)
     assert (cfg.codec, cfg.bits, cfg.act_bits, cfg.epochs) == ("fp", 5, 2, 3)
     assert cfg.checkpoint_dir == str(tmp_path / "checkpoints") and cfg.device == "cpu"
+    assert config_from_args(build_parser().parse_args(["--strategy", "fsdp"]), tmp_path).transport == "fsdp"
     table = format_table({"config": cfg.to_dict(), "final_accuracy": 0.9123, "world_size": 2, "steps": 10,
                           "bytes_sent_per_step": 1234.0, "bytes_source": "measured by the hook",
                           "bits_per_element": 1.25, "step_time_p50": 0.01, "step_time_p90": 0.02,

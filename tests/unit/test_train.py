@@ -39,6 +39,8 @@ def test_config_combinations_and_round_trip():
         TrainConfig(codec="prune-fp", collective="allreduce")
     with pytest.raises(ValueError, match="no Horovod transport"):
         TrainConfig(codec="powersgd", transport="horovod")
+    with pytest.raises(ValueError, match="FSDP2 has no place for it"):
+        TrainConfig(codec="powersgd", transport="fsdp")
     cfg = TrainConfig(codec="fp", bits=5, act_bits=2)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown field"):
