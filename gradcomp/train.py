@@ -757,7 +757,7 @@ def _check_fsdp_compression_state(sd, path: Path, model: nn.Module) -> int:
               f"'hook'['residuals'][{k!r}] has shape {tuple(t.shape)} (a residual of another model)")
     for k, v in _need_dict(sd["fits"], path, "'hook'['fits']").items():
         parts = k.split("/") if isinstance(k, str) else []
-        _need(len(parts) == 3 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
+        _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
         _need(isinstance(v, list) and (not v or (len(v) == 4 and all(isinstance(x, (int, float)) for x in v)
                                                and math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] >= 0
                                                and v[2] >= 0 and v[3] >= 0)), path,

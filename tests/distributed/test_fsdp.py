@@ -94,9 +94,17 @@ def _check_hsdp(h: dict) -> None:
         for unit in st["units"].values():  # all-gather of the shard's payload to the other replica
             assert unit["replica"]["bytes_sent"] == (2 - 1) * unit["replica"]["payload_bytes"]
         assert st["replica_bytes_sent"] < st["replica_dense_bytes"] / 2
+    # Each unit is one Linear; its shard (of 2) holds the padded dim-0 half of the weight, then of
+    # the bias: per-tensor plans send them as two segments of one SEGMENTS payload.
+    from gradcomp.codecs.segments import segments_wire_bytes
+
+    expected = {}
+    for out_f, in_f in ((37, 64), (23, 37), (10, 23)):
+        half = -(-out_f // 2)
+        sizes = [half * in_f, half]
+        expected[2 * sum(sizes)] = segments_wire_bytes([gradcomp.codecs.FPCodec(6).wire_bytes(n) for n in sizes])
     fp6 = h["fp6"]["stats"]["units"]
-    assert all(u["replica"]["payload_bytes"] == gradcomp.codecs.FPCodec(6).wire_bytes(u["numel"] // 2)
-               for u in fp6.values())
+    assert all(u["replica"]["payload_bytes"] == expected[u["numel"]] for u in fp6.values()), fp6
     assert h["native_rs_fp6"]["stats"]["replica_bytes_sent"] == 0  # native HSDP: FSDP's own all-reduce
 
 
