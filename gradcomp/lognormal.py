@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import optimize, special, stats
 
-from .formats import FPFormat, MAX_EXP_BITS, MAX_MAN_BITS
+from .formats import MAX_EXP_BITS, MAX_MAN_BITS, FPFormat
 
 __all__ = [
     "LognormalFit",
@@ -209,12 +209,12 @@ def fit(x) -> LognormalFit:
         std, mean = torch.std_mean(a.log_(), correction=0)
         mu, sigma = float(mean), float(std)
     else:
-        a = np.abs(np.asarray(x).reshape(-1).astype(np.float64, copy=False))
-        a = a[np.isfinite(a) & (a > 0)]
-        count = int(a.size)
+        arr = np.abs(np.asarray(x).reshape(-1).astype(np.float64, copy=False))
+        arr = arr[np.isfinite(arr) & (arr > 0)]
+        count = int(arr.size)
         if count == 0:
             raise ValueError("fit: x has no nonzero finite entries (zeros, inf and NaN are ignored)")
-        logs = np.log(a)
+        logs = np.log(arr)
         mu = float(np.mean(logs))
         sigma = float(np.sqrt(np.mean((logs - mu) ** 2)))
     return LognormalFit(mu=mu, sigma=sigma, count=count)
@@ -247,10 +247,10 @@ def subsample(x, max_samples: int, seed: int = 0) -> np.ndarray:
         if idx is not None:
             flat = flat[torch.from_numpy(idx).to(flat.device)]
         return flat.to(torch.float64).cpu().numpy()
-    flat = np.asarray(x).reshape(-1)
+    arr = np.asarray(x).reshape(-1)
     if idx is not None:
-        flat = flat[idx]
-    return flat.astype(np.float64)
+        arr = arr[idx]
+    return arr.astype(np.float64)
 
 
 def ks_statistic(x, dist: str, max_samples: int = 100_000, seed: int = 0) -> KSResult:
@@ -764,7 +764,7 @@ def optimal_exp_bits(total_bits: int, sigma: float, method: str = "exact", round
             )
     else:
         errs = [_best_scale(_grid(f), f, mu, sigma, rounding)[1] for f in formats]
-    errs = np.asarray(errs)
+    err_arr = np.asarray(errs)
     # First (smallest exp_bits) candidate within the tie tolerance of the best: near-equal errors,
     # e.g. a point mass sitting on a grid point of every candidate, go to the longer mantissa.
-    return formats[int(np.argmax(errs <= np.min(errs) * (1.0 + _TIE_RTOL) + _TIE_ATOL))].exp_bits
+    return formats[int(np.argmax(err_arr <= np.min(err_arr) * (1.0 + _TIE_RTOL) + _TIE_ATOL))].exp_bits

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ VALUE_BITS = DENSE_BITS + (32,)  # 32 = PRUNE (float32 values)
 _WIDE_MIN_MAN, _WIDE_MIN_EXP, _WIDE_MAX_EXP = 5, 2, 6
 
 
-@lru_cache(maxsize=None)
+@cache
 def _formats(bits: int) -> tuple[FPFormat, ...]:
     """Candidate formats of a width: every split up to 8 bits, the restricted splits above."""
     fmts = lognormal.candidate_formats(bits)
@@ -96,7 +96,8 @@ def _dense_bits(n: int, bits: int) -> float:
 
 @lru_cache(maxsize=1024)
 def _grid_ends(s: float, top: float) -> tuple[float, float]:
-    return tuple(math.log(lognormal.threshold_for_sparsity(p, 0.0, s)) for p in (_GRID_SPARSITY[0], top))
+    return (math.log(lognormal.threshold_for_sparsity(_GRID_SPARSITY[0], 0.0, s)),
+            math.log(lognormal.threshold_for_sparsity(top, 0.0, s)))
 
 
 def _cutoff_grid(mu: float, s: float, count: int) -> np.ndarray:
@@ -277,6 +278,7 @@ def _search(mu: float, sigma: float, budget: float, n: int, usable: float, round
                 tot = np.where(zs >= bounds[f.bits], prune + err, np.inf)
                 i = int(np.argmin(tot))
                 offer(_Choice("prune_fp", f, int(k[i]), float(zs[i]), float(tot[i])))
+    assert best is not None  # the fallback guarantees a candidate
     return best, not fallback
 
 
@@ -485,10 +487,12 @@ class BudgetCodec(Codec):
             bits = 8.0 * (HEADER_BYTES + 4 * n) / n
             return BudgetPlan("identity", None, None, 0, None, 0.0, 1.0, 0.0, bits, budget, n, True)
         if c.layout == "fp":
-            err = fp_tables([c.fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
+            fmt = c.fmt
+            assert fmt is not None  # dense choices carry their format
+            err = fp_tables([fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
                              np.array([-np.inf]), exact=False, log_top=log_top)[0][0, 0]
-            bits = _dense_bits(n, c.fmt.bits)
-            return BudgetPlan("fp", FPPlan(c.fmt, c.scale_exp, None), c.fmt, c.scale_exp, None, 0.0, 1.0,
+            bits = _dense_bits(n, fmt.bits)
+            return BudgetPlan("fp", FPPlan(fmt, c.scale_exp, None), fmt, c.scale_exp, None, 0.0, 1.0,
                               float(err), bits, budget, n, ok and bits <= budget)
         alpha = min(_f32_up(math.exp(mu + c.z)), float(np.finfo(np.float32).max))
         z = math.log(alpha) - mu
@@ -498,10 +502,12 @@ class BudgetCodec(Codec):
         vb = 32
         values = None
         if c.layout == "prune_fp":
-            vb = c.fmt.bits
-            err += float(fp_tables([c.fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
+            fmt = c.fmt
+            assert fmt is not None  # prune_fp choices carry the values' format
+            vb = fmt.bits
+            err += float(fp_tables([fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
                                     np.array([z]), exact=False, log_top=log_top)[0][0, 0])
-            values = FPPlan(c.fmt, c.scale_exp, None)
+            values = FPPlan(fmt, c.scale_exp, None)
         bits = _prune_bits(n, nz * usable, kept * usable, vb)
         return BudgetPlan(c.layout, PrunePlan(alpha, sparsity, values), c.fmt, c.scale_exp, alpha, sparsity,
                           kept, err, bits, budget, n, ok and bits <= budget + 1e-9)
@@ -531,7 +537,7 @@ class BudgetCodec(Codec):
         """``None``: the layout and its size depend on the data (see :meth:`expected_wire_bytes`)."""
         return None
 
-    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None) -> float:
+    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None = None) -> float:
         """Expected payload bytes of a ``numel``-element shard whose usable entries follow ``fit``."""
         return self.plan(fit, numel).expected_bits * numel / 8.0
 

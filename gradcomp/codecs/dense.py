@@ -12,8 +12,7 @@ from ..error_model import fp_nmse
 from ..formats import FPFormat
 from ..packing import pack_unchecked, packed_size, unpack
 from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
-from .base import (HEADER_BYTES, Codec, CodecTag, Header, check_plan_numel, check_shard, fit_or_none,
-                   make_header)
+from .base import HEADER_BYTES, Codec, CodecTag, Header, check_plan_numel, check_shard, fit_or_none, make_header
 
 
 class IdentityCodec(Codec):
@@ -127,7 +126,8 @@ def fp_plan(bits: int, exp_bits: int | None, rounding: str,
         e = exp_bits if exp_bits is not None else max(e for e, f in formats.items() if f.man_bits >= 1 or e == 1)
         return FPPlan(formats[e], 0, None)
     amax = getattr(fit, "max_abs", math.inf)
-    best = None
+    best: FPPlan | None = None
+    best_err = math.inf
     for e in ([exp_bits] if exp_bits is not None else sorted(formats)):
         fmt = formats[e]
         k_min = min_scale_exp(amax, fmt)
@@ -142,8 +142,9 @@ def fp_plan(bits: int, exp_bits: int | None, rounding: str,
                 lognormal.scale_exponent(fit.mu, fit.sigma, fmt, rounding)]
             candidates = [(fp_nmse(fmt, fit.mu, fit.sigma, k, rounding, upper=upper), k) for k in ks]
         err, k = min(candidates)
-        if best is None or err < best.expected_error:
-            best = FPPlan(fmt, k, err)
+        if best is None or err < best_err:
+            best, best_err = FPPlan(fmt, k, err), err
+    assert best is not None  # at least one candidate format
     return best
 
 

@@ -69,10 +69,17 @@ from .. import kernels, lognormal
 from ..packing import pack_unchecked, packed_size, unpack
 from ..pruning import stochastic_prune
 from ..rng import derive_key
-from .base import (HEADER_BYTES, Codec, CodecTag, Header, check_plan_numel, check_shard, fit_or_none,
-                   make_header)
-from .dense import (FPPlan, _check_bits, check_payload_size, decode_fp_values,
-                    decodes_past_float32, encode_fp_values, fp_plan, min_scale_exp)
+from .base import HEADER_BYTES, Codec, CodecTag, Header, check_plan_numel, check_shard, fit_or_none, make_header
+from .dense import (
+    FPPlan,
+    _check_bits,
+    check_payload_size,
+    decode_fp_values,
+    decodes_past_float32,
+    encode_fp_values,
+    fp_plan,
+    min_scale_exp,
+)
 
 # Rice parameters are packed as k-bit remainders, and the packer takes 1..16 bits. A capped k
 # only matters below about one nonzero in 2**16 elements, where the unary part then grows by
@@ -443,7 +450,7 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
     logw = -0.5 * ((t - fit.mu) / fit.sigma) ** 2
     w = np.exp(logw - logw.max())
     w = w / w.sum()
-    t_median = float(t[min(np.searchsorted(np.cumsum(w), 0.5), _TAIL_NODES - 1)])
+    t_median = float(t[min(int(np.searchsorted(np.cumsum(w), 0.5)), _TAIL_NODES - 1)])
     max_abs = getattr(fit, "max_abs", None)  # the shard's own maximum, where the fit carries it
     if max_abs is not None and 0.0 < max_abs < math.inf:
         t_top = max(lo, math.log(max_abs))
@@ -465,6 +472,7 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
             rank = (err, k, fmt.exp_bits)
             if best is None or rank < best[0]:
                 best = (rank, fmt, k, err)
+    assert best is not None  # candidate_formats is never empty
     _, fmt, k, err = best
     return FPPlan(fmt, int(k), float(err))
 
@@ -508,8 +516,14 @@ def prune_fp_wire_bytes(numel: int, nonzero_fraction: float, kept_fraction: floa
 
 class _PruneBase(Codec):
     uses_fit = True
-    _value_bits: int
+    sparsity: float
+    count_zeros: bool
     _with_values: ClassVar[bool]  # plans carry an FPPlan for the kept values (PRUNE_FP)
+
+    @property
+    def _value_bits(self) -> int:
+        """Bits per kept value on the wire (float32 unless a subclass FP-codes them)."""
+        return 32
 
     def _alpha(self, fit, numel):
         check_plan_numel(numel)
@@ -520,7 +534,7 @@ class _PruneBase(Codec):
         """``None``: the size depends on the data (see :meth:`expected_wire_bytes`)."""
         return None
 
-    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None) -> float:
+    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None = None) -> float:
         """Expected payload bytes for ``numel`` elements whose usable entries follow ``fit``.
 
         :func:`prune_fp_wire_bytes` at the fractions of :func:`pruning_fractions` for the plan's
@@ -621,8 +635,9 @@ class PruneCodec(_PruneBase):
 
     Reduce side (two-phase all-reduce): :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity,
     0.3), 8, count_zeros=False)`` (the mean's zeros are phase 1's pruning; its sparsity applies
-    to the mean's nonzeros, as measured), chosen by the rule and the measurements explained in :class:`PruneFPCodec`. For
-    this codec (``benchmarks/results/reduce_side_error.md``, 1M elements, sigma 2, N = 2/4/8):
+    to the mean's nonzeros, as measured), chosen by the rule and the measurements explained in
+    :class:`PruneFPCodec`. For this codec (``benchmarks/results/reduce_side_error.md``, 1M
+    elements, sigma 2, N = 2/4/8):
     all-gather NMSE 0.012/0.013/0.010; PruneFP(0.3, 8) adds 0.009/0.003/0.002 at 0.20/0.34/0.47
     bytes per element; re-pruning with this codec adds 0.49/0.68/0.59; FP(8) adds 0.0015 but
     costs 1.0 byte per element (2-5x), so the cheaper choice that keeps the added error below the
@@ -639,7 +654,6 @@ class PruneCodec(_PruneBase):
 
     tag = CodecTag.PRUNE
     stochastic = True
-    _value_bits = 32
     _with_values = False
 
     def __init__(self, sparsity: float = 0.85, count_zeros: bool = True):
@@ -778,10 +792,12 @@ def _prune_fields(payload: torch.Tensor, header: Header, numel: int, with_values
     if not (alpha > 0 and (n == 0 or math.isfinite(alpha))):  # NaN fails too; inf: n = 0 only
         raise ValueError(f"corrupt sparse payload: threshold alpha={alpha!r} with n={n}")
     _check_counts(n, unary_bits, k, numel, f", n_kept={n_kept}")
+    value_fmt = None  # the kept values' format: PRUNE_FP only
     if header.tag == CodecTag.PRUNE_FP:
         if header.fmt is None:
             raise ValueError("PRUNE_FP payload without a value format in its header")
-        value_bytes = packed_size(n_kept, header.fmt.bits)
+        value_fmt = header.fmt
+        value_bytes = packed_size(n_kept, value_fmt.bits)
     else:
         value_bytes = 4 * n_kept
     need = (HEADER_BYTES + PRUNE_FIXED_BYTES + value_bytes + packed_size(n, 1) + packed_size(n - n_kept, 1)
@@ -790,9 +806,9 @@ def _prune_fields(payload: torch.Tensor, header: Header, numel: int, with_values
     if n == 0 or not with_values:
         return alpha, n, n_kept, unary_bits, k, None, None, None, None, None
     rd = _Reader(payload, HEADER_BYTES + PRUNE_FIXED_BYTES)
-    if header.tag == CodecTag.PRUNE_FP:
+    if value_fmt is not None:
         values = torch.empty(n_kept, dtype=torch.float32, device=payload.device)
-        decode_fp_values(rd.take(packed_size(n_kept, header.fmt.bits)), header.fmt,
+        decode_fp_values(rd.take(packed_size(n_kept, value_fmt.bits)), value_fmt,
                          header.scale_exp, n_kept, values)
     else:
         values = _as_float32(rd.take(4 * n_kept))
