@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -176,14 +176,21 @@ class Codec(abc.ABC):
         """Return the uint8 payload of ``x`` (flattened). ``plan=None`` derives it from ``x``."""
 
     def decode(self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Return the float32 values of ``payload`` (written into ``out`` when given).
+        """Return the float32 values of a payload of this codec (written into ``out`` when given).
 
-        Any codec's payload decodes here (the header names its layout); see
-        :func:`gradcomp.codecs.registry.decode_payload`.
+        A payload of another layout raises ``ValueError``; :func:`gradcomp.codecs.decode_payload`
+        decodes any payload. Validation and NaN poisoning as there.
         """
-        from .registry import decode_payload  # the registry sits above every codec module
+        header = read_header(payload)
+        decoder = self.layout_decoder(header.tag)
+        if decoder is None:
+            raise ValueError(f"{type(self).__name__}.decode: a {header.tag.name} payload is not a layout "
+                             "of this codec (gradcomp.codecs.decode_payload decodes any payload)")
+        return decode_with(decoder, payload, header, numel, out)
 
-        return decode_payload(payload, numel, out=out)
+    def layout_decoder(self, tag: CodecTag) -> Decoder | None:
+        """The function that decodes this codec's payloads of layout ``tag`` (``None``: not one of its layouts)."""
+        return None
 
     def wire_bytes(self, numel: int) -> int | None:
         """Exact payload size for ``numel`` elements, or ``None`` when it depends on the data."""
@@ -218,6 +225,20 @@ class Codec(abc.ABC):
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted(vars(self).items()))))
+
+
+Decoder = Callable[[torch.Tensor, Header, int, torch.Tensor], None]  # (payload, header, numel, out)
+
+
+def decode_with(decoder: Decoder, payload: torch.Tensor, header: Header, numel: int,
+                out: torch.Tensor | None) -> torch.Tensor:
+    """Run ``decoder`` on ``payload`` into ``out`` (or a new float32 tensor), then NaN-poison it
+    if the header is flagged non-finite. ``numel`` must be a non-negative int (``ValueError``)."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    result = prepare_out(numel, out, payload.device)
+    decoder(payload, header, numel, result)
+    return nan_fill_if(header.nonfinite, result)
 
 
 def nan_fill_if(flag_nonfinite: bool, out: torch.Tensor) -> torch.Tensor:

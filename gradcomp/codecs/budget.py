@@ -35,9 +35,10 @@ from scipy import special
 from .. import lognormal
 from ..error_model import MIN_SIGMA, fp_tables, log_top_of, pruning_nmse_z
 from ..formats import FPFormat
-from .base import HEADER_BYTES, Codec, check_shard, fit_or_none
-from .dense import FPCodec, FPPlan, IdentityCodec, min_scale_exp
-from .sparse import PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, prune_fp_wire_bytes
+from .base import HEADER_BYTES, Codec, CodecTag, Decoder, check_shard, fit_or_none
+from .dense import FPCodec, FPPlan, IdentityCodec, decode_fp_into, decode_identity_into, min_scale_exp
+from .sparse import (PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, decode_prune_into,
+                     prune_fp_wire_bytes)
 
 __all__ = ["BudgetCodec", "BudgetPlan", "MIN_BUDGET_BITS"]
 
@@ -532,6 +533,11 @@ class BudgetCodec(Codec):
             raise ValueError("BudgetCodec.encode: plan must be a BudgetPlan (from BudgetCodec.plan), "
                              f"got {plan!r}")
         return self._codec_for(plan).encode(xs, key=key, plan=plan.encoding)
+
+    def layout_decoder(self, tag: CodecTag) -> Decoder | None:
+        """FP, PRUNE_FP, PRUNE or IDENTITY: the layouts a plan may choose."""
+        return {CodecTag.FP: decode_fp_into, CodecTag.PRUNE_FP: decode_prune_into,
+                CodecTag.PRUNE: decode_prune_into, CodecTag.IDENTITY: decode_identity_into}.get(tag)
 
     def wire_bytes(self, numel: int) -> None:
         """``None``: the layout and its size depend on the data (see :meth:`expected_wire_bytes`)."""

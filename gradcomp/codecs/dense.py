@@ -12,7 +12,17 @@ from ..error_model import fp_nmse
 from ..formats import FPFormat
 from ..packing import pack_unchecked, packed_size, unpack
 from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
-from .base import HEADER_BYTES, Codec, CodecTag, Header, check_plan_numel, check_shard, fit_or_none, make_header
+from .base import (
+    HEADER_BYTES,
+    Codec,
+    CodecTag,
+    Decoder,
+    Header,
+    check_plan_numel,
+    check_shard,
+    fit_or_none,
+    make_header,
+)
 
 
 class IdentityCodec(Codec):
@@ -27,6 +37,9 @@ class IdentityCodec(Codec):
     def encode(self, x: torch.Tensor, *, key: int = 0, plan=None) -> torch.Tensor:
         xs = check_shard(x, "IdentityCodec.encode")
         return torch.cat([make_header(self.tag, xs), xs.view(torch.uint8)])
+
+    def layout_decoder(self, tag: CodecTag) -> Decoder | None:
+        return decode_identity_into if tag == CodecTag.IDENTITY else None
 
     def wire_bytes(self, numel: int) -> int:
         return HEADER_BYTES + 4 * numel
@@ -44,6 +57,9 @@ class HalfCodec(Codec):
     def encode(self, x: torch.Tensor, *, key: int = 0, plan=None) -> torch.Tensor:
         xs = check_shard(x, "HalfCodec.encode")
         return torch.cat([make_header(self.tag, xs), xs.to(torch.float16).view(torch.uint8)])
+
+    def layout_decoder(self, tag: CodecTag) -> Decoder | None:
+        return decode_half_into if tag == CodecTag.HALF else None
 
     def wire_bytes(self, numel: int) -> int:
         return HEADER_BYTES + 2 * numel
@@ -304,6 +320,9 @@ class FPCodec(Codec):
         nonfinite = nonfinite or decodes_past_float32(values, plan.fmt, plan.scale_exp, xs.numel())
         header = make_header(self.tag, xs, plan.fmt, plan.scale_exp, nonfinite=nonfinite)
         return torch.cat([header, values])
+
+    def layout_decoder(self, tag: CodecTag) -> Decoder | None:
+        return decode_fp_into if tag == CodecTag.FP else None
 
     def wire_bytes(self, numel: int) -> int:
         return HEADER_BYTES + packed_size(numel, self.bits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CodecTag, Header, nan_fill_if, prepare_out, read_header
+from .base import CodecTag, Header, decode_with, nan_fill_if, read_header
 from .dense import decode_fp_into, decode_half_into, decode_identity_into
 from .segments import split_segments
 from .sparse import decode_prune_into, decode_topk_into
@@ -54,9 +54,5 @@ def decode_payload(payload: torch.Tensor, numel: int, *, out: torch.Tensor | Non
     :mod:`gradcomp.codecs.dense` and :mod:`gradcomp.codecs.sparse`.
     """
     header = read_header(payload)
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
-    result = prepare_out(numel, out, payload.device)
-    DECODERS[header.tag](payload, header, numel, result)
-    return nan_fill_if(header.nonfinite, result)
+    return decode_with(DECODERS[header.tag], payload, header, numel, out)
 

@@ -69,7 +69,17 @@ from .. import kernels, lognormal
 from ..packing import pack_unchecked, packed_size, unpack
 from ..pruning import stochastic_prune
 from ..rng import derive_key
-from .base import HEADER_BYTES, Codec, CodecTag, Header, check_plan_numel, check_shard, fit_or_none, make_header
+from .base import (
+    HEADER_BYTES,
+    Codec,
+    CodecTag,
+    Decoder,
+    Header,
+    check_plan_numel,
+    check_shard,
+    fit_or_none,
+    make_header,
+)
 from .dense import (
     FPPlan,
     _check_bits,
@@ -530,6 +540,9 @@ class _PruneBase(Codec):
         target = usable_sparsity(self.sparsity, fit, numel) if self.count_zeros else self.sparsity
         return threshold_plan_alpha(target, fit)
 
+    def layout_decoder(self, tag: CodecTag) -> Decoder | None:
+        return decode_prune_into if tag == self.tag else None
+
     def wire_bytes(self, numel: int) -> None:
         """``None``: the size depends on the data (see :meth:`expected_wire_bytes`)."""
         return None
@@ -948,6 +961,9 @@ class TopKCodec(Codec):
         rem, unary, unary_bits, k = _rice_encode(idx, xs.numel())
         fixed = _bytes_of(_TOPK_FIXED.pack(n, unary_bits, k), xs.device)
         return torch.cat([header, fixed, xs[idx].view(torch.uint8), rem, unary])
+
+    def layout_decoder(self, tag: CodecTag) -> Decoder | None:
+        return decode_topk_into if tag == CodecTag.TOPK else None
 
     def wire_bytes(self, numel: int) -> None:
         """``None``: the position code depends on the data (see :meth:`expected_wire_bytes`)."""

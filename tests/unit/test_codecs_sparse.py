@@ -342,10 +342,12 @@ def test_plans_and_describe():
 
 
 def test_reduce_codecs():
-    assert PruneFPCodec(0.85, 6).reduce_codec() == PruneFPCodec(0.3, 8)
-    assert PruneFPCodec(0.9, 5, exp_bits=2, rounding="nearest").reduce_codec() == PruneFPCodec(0.3, 8, None, "nearest")
-    assert PruneFPCodec(0.2, 10, exp_bits=5).reduce_codec() == PruneFPCodec(0.2, 10, 5)
-    assert PruneCodec(0.85).reduce_codec() == PruneFPCodec(0.3, 8)
+    # The reduce side prunes the mean's nonzeros (its zeros are phase 1's pruning): count_zeros=False.
+    assert PruneFPCodec(0.85, 6).reduce_codec() == PruneFPCodec(0.3, 8, count_zeros=False)
+    assert PruneFPCodec(0.9, 5, exp_bits=2, rounding="nearest").reduce_codec() == PruneFPCodec(
+        0.3, 8, None, "nearest", count_zeros=False)
+    assert PruneFPCodec(0.2, 10, exp_bits=5).reduce_codec() == PruneFPCodec(0.2, 10, 5, count_zeros=False)
+    assert PruneCodec(0.85).reduce_codec() == PruneFPCodec(0.3, 8, count_zeros=False)
     assert TopKCodec(0.01).reduce_codec() == TopKCodec(1.0)
 
 
