@@ -37,8 +37,7 @@ from ..error_model import MIN_SIGMA, fp_tables, log_top_of, pruning_nmse_z
 from ..formats import FPFormat
 from .base import HEADER_BYTES, Codec, CodecTag, Decoder, check_shard, fit_or_none
 from .dense import FPCodec, FPPlan, IdentityCodec, decode_fp_into, decode_identity_into, min_scale_exp
-from .sparse import (PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, decode_prune_into,
-                     prune_fp_wire_bytes)
+from .sparse import PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, decode_prune_into, prune_fp_wire_bytes
 
 __all__ = ["BudgetCodec", "BudgetPlan", "MIN_BUDGET_BITS"]
 
