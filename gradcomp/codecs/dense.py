@@ -130,7 +130,8 @@ def fp_plan(bits: int, exp_bits: int | None, rounding: str,
     * ``"relative"``: the seed's criterion, ``E|Q(x)-x|/|x|`` (:func:`lognormal.exact_relative_error`),
       at :func:`lognormal.scale_exponent` raised to the smallest non-saturating scale. It weighs
       every element alike, so on wide distributions it trades the top binades' precision for
-      range (sigma 2, 6 bits: e5m0, NMSE 0.08, against e4m1 with NMSE 0.02 for ``"mse"``).
+      range, at a higher NMSE (compare ``FPCodec(6)`` with ``FPCodec(6, criterion='relative')``
+      in ``benchmarks/results/codec_error.md``).
 
     ``exp_bits`` fixes the split; ``None`` picks it. Without a fit (an all-zero or non-finite
     shard) any format will do: the widest exponent that keeps a mantissa bit, scale 0.
