@@ -308,8 +308,8 @@ class PrunePlan:
     ``alpha`` is the threshold used for pruning and sent on the wire as float32 (:meth:`plan`
     returns float32 values; others are rounded to float32 at encode time, so pruning and wire
     always agree); ``alpha = inf`` is the plan of a shard without a usable (nonzero finite)
-    entry: everything encodes as zero. ``sparsity`` is the target ``alpha`` was solved for (informational).
-    ``values`` is the format and scale of the kept values; ``None`` means raw float32.
+    entry: everything encodes as zero. ``sparsity``: the target ``alpha`` was solved for
+    (informational). ``values``: the format and scale of the kept values; ``None`` means float32.
     """
 
     alpha: float
@@ -340,9 +340,8 @@ def usable_sparsity(sparsity: float, fit: lognormal.LognormalFit | None, numel: 
 
     A shard of ``numel`` elements with ``fit.count`` usable ones has a share ``z = 1 - count /
     numel`` of exact zeros, which prune for free. So the usable entries are pruned at ``(sparsity
-    - z) / (1 - z)``, and the whole shard reaches ``sparsity`` (not ``z + (1 - z) sparsity``,
-    which on a ReLU network's gradients with 70 % zeros would be 0.96 instead of 0.85). When the
-    zeros alone reach the target (``z >= sparsity``) nothing usable is pruned: ``0.0``.
+    - z) / (1 - z)``, and the whole shard reaches ``sparsity`` (not ``z + (1 - z) sparsity``).
+    When the zeros alone reach the target (``z >= sparsity``) nothing usable is pruned: ``0.0``.
     ``numel=None`` or no fit: ``sparsity`` unchanged.
 
     Example:
@@ -474,8 +473,7 @@ def prune_fp_wire_bytes(numel: int, nonzero_fraction: float, kept_fraction: floa
                        value_bits: int) -> float:
     """Return the expected payload size in bytes (header included) of a PRUNE / PRUNE_FP payload.
 
-    For ``numel``
-    elements of which a fraction ``nonzero_fraction`` (``1 - S``) survives pruning and
+    For ``numel`` elements of which a fraction ``nonzero_fraction`` (``1 - S``) survives pruning and
     ``kept_fraction`` (``P(|x| > alpha)``) keeps its value at ``value_bits`` bits (32 for
     :class:`PruneCodec`, ``bits`` for :class:`PruneFPCodec`), with the entries independent::
 
