@@ -66,24 +66,21 @@ import queue
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from . import kernels, lognormal
+from . import kernels
 from .codecs import Codec, decode_payload
-from .codecs.base import ShardFit, fit_or_none
-from .codecs.segments import join_segments, segments_wire_bytes, split_points
 from .collectives import (allgather_mean, allreduce_mean, as_transport, choose_collective, shard_bounds,
                           two_phase_mean)
 from .codecs.dense import IdentityCodec
+from .feedback import ErrorFeedbackMemory
+from .plans import PlanCache
 from .rng import derive_key
 
 ERROR_FEEDBACK = (False, True, "worker", "reduce")
 STATE_VERSION = 2
-# Parts of a shard smaller than this (tiny tensors: a classifier's bias) share one segment.
-MIN_SEGMENT_NUMEL = 64
 
 
 def _check_int(value, name: str, lo: int) -> int:
@@ -228,8 +225,7 @@ class CompressionState:
         self.seed = _check_int(seed, "seed", 0)
         self.collective_setting = collective
         self.timeout = _as_timeout(timeout)
-        if not isinstance(per_tensor, bool):
-            raise ValueError(f"per_tensor must be True or False, got {per_tensor!r}")
+        self.plans = PlanCache(per_tensor)  # validates per_tensor
         self.per_tensor = per_tensor
         # ---- internal
         self.process_group = process_group
@@ -240,22 +236,13 @@ class CompressionState:
         self.step = 0
         self._worker: _Worker | None = None
         self._failure: BaseException | None = None  # first failed collective: later buckets fail fast
-        self._staged: dict[int, tuple[tuple, torch.Tensor]] = {}  # this step's residuals, committed at its end
-        self._staged_reduce: dict[int, tuple[tuple, torch.Tensor]] = {}
-        self._staged_step = -1
-        self._step_nonfinite = False
         self._steps_agreed = False  # ranks compared their step before this state's first collective
         self._comm_timeout: datetime.timedelta | None = None  # resolved when the own group is made
         self._cuda_streams: dict = {}
         if dist.is_available() and dist.is_initialized():
             self._bind_group()
         self._param_keys: dict[int, int] = {}  # id(parameter) -> position in the model
-        self._fits: dict[tuple, lognormal.LognormalFit | None] = {}  # (bucket, phase, shard, segment)
-        self._points: dict[tuple, list[int]] = {}  # (tensor sizes, start, stop) -> segment bounds
-        self._plans: dict[tuple, Any] = {}
-        self._residuals: dict[int, tuple[tuple, torch.Tensor]] = {}  # bucket -> (layout, flat)
-        self._reduce_residuals: dict[int, tuple[tuple, torch.Tensor]] = {}
-        self._pending: dict[int, torch.Tensor] = {}  # parameter key -> residual (after rebuild/load)
+        self.memory = ErrorFeedbackMemory()
         self._lock = threading.Lock()
         # ---- stats
         self._stats = _Stats()
@@ -462,80 +449,11 @@ class CompressionState:
 
     def _reduce_step(self, buffer, index, step, last, layout) -> None:
         """Reduce one bucket, then at the step's last bucket commit (or drop) its residuals."""
-        if step != self._staged_step:  # a step whose last bucket never came: keep what it staged
-            self._commit_residuals(keep=True)
-            self._staged_step, self._step_nonfinite = step, False
+        self.memory.start_step(step)
         self._reduce(buffer, index, step, layout)
-        if last:
-            self._commit_residuals(keep=not self._step_nonfinite)
-            if self._step_nonfinite:
-                with self._lock:
-                    self._stats.nonfinite_steps += 1
-            self._staged_step, self._step_nonfinite = -1, False
-
-    def _commit_residuals(self, keep: bool) -> None:
-        if keep:
-            self._residuals.update(self._staged)
-            self._reduce_residuals.update(self._staged_reduce)
-        self._staged.clear()
-        self._staged_reduce.clear()
-
-    def _shard_plans(self, codec: Codec, shard_key: tuple, shard: torch.Tensor, points: list[int],
-                     refit: bool) -> list:
-        """The cached plans of a shard's segments; refitted (and re-planned together) on ``refit``.
-
-        Keys are ``shard_key + (segment,)``. Without ``refit`` a missing plan (after
-        ``load_state_dict``) is rebuilt from the stored fits, so a resumed run encodes the same.
-        """
-        keys = [shard_key + (s,) for s in range(len(points) - 1)]
-        if refit or any(k not in self._plans for k in keys):
-            fits = []
-            for k, a, b in zip(keys, points, points[1:]):
-                if not codec.uses_fit:
-                    fit = None
-                elif not refit and k in self._fits:
-                    fit = self._fits[k]
-                else:
-                    fit = fit_or_none(shard[a:b])
-                self._fits[k] = fit
-                fits.append(fit)
-            plans = codec.plan_segments(fits, [b - a for a, b in zip(points, points[1:])])
-            self._plans.update(zip(keys, plans))
-        return [self._plans[k] for k in keys]
-
-    def _segment_points(self, layout: tuple, start: int, stop: int) -> list[int]:
-        """Segment boundaries of ``[start, stop)`` relative to ``start`` (one segment if not per tensor)."""
-        if not self.per_tensor or not layout:
-            return [0, stop - start]
-        numels = tuple(n for _, n in layout)
-        key = (numels, start, stop)
-        points = self._points.get(key)
-        if points is None:
-            points = split_points(numels, start, stop, MIN_SEGMENT_NUMEL)
-            self._points[key] = points = points if len(points) > 1 else [0, stop - start]
-        return points
-
-    def _encode_shard(self, codec: Codec, shard: torch.Tensor, points: list[int], shard_key: tuple,
-                      key: int, refit: bool) -> torch.Tensor:
-        """One payload of ``shard``: plain for one segment, SEGMENTS (a plan per segment) else."""
-        plans = self._shard_plans(codec, shard_key, shard, points, refit)
-        if len(plans) == 1:
-            return codec.encode(shard, key=key, plan=plans[0])
-        parts = [codec.encode(shard[a:b], key=derive_key(key, 3, s), plan=plan)
-                 for s, (a, b, plan) in enumerate(zip(points, points[1:], plans))]
-        return join_segments(parts, [b - a for a, b in zip(points, points[1:])])
-
-    def _fixed_size(self, codec: Codec, layout: tuple):
-        """``(start, stop) -> payload bytes`` for a fixed-size codec (no size exchange), else ``None``."""
-        if codec.wire_bytes(1) is None:
-            return None
-
-        def size(start: int, stop: int) -> int:
-            points = self._segment_points(layout, start, stop)
-            if len(points) <= 2:
-                return codec.wire_bytes(stop - start)
-            return segments_wire_bytes([codec.wire_bytes(b - a) for a, b in zip(points, points[1:])])
-        return size
+        if last and self.memory.finish_step():
+            with self._lock:
+                self._stats.nonfinite_steps += 1
 
     def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
         group, n = self._comm, self.world_size
@@ -547,15 +465,15 @@ class CompressionState:
             return
         x = buffer if buffer.dtype == torch.float32 else buffer.to(torch.float32)
         if self.worker_feedback:
-            x = x + self._residual_for(index, layout, x)
+            x = x + self.memory.residual_for(index, layout, x)
         compressed_step = step - self.warmup_steps
         refit = compressed_step % self.refit_every == 0
         feedback = torch.empty_like(x) if self.worker_feedback else None
 
         def encode(j: int, lo: int, hi: int) -> torch.Tensor:
             shard = x[lo:hi]
-            payload = self._encode_shard(self.codec, shard, self._segment_points(layout, lo, hi),
-                                         (index, 1, j), self._key(step, index, j, 1), refit)
+            payload = self.plans.encode(self.codec, shard, self.plans.segment_points(layout, lo, hi),
+                                        (index, 1, j), self._key(step, index, j, 1), refit)
             if feedback is not None:  # residual = what this payload failed to carry
                 seg = decode_payload(payload, hi - lo, out=feedback[lo:hi])
                 torch.sub(shard, seg, out=seg)
@@ -563,54 +481,28 @@ class CompressionState:
 
         def reduce_encode(mean: torch.Tensor) -> torch.Tensor:
             if self.reduce_feedback:
-                mean = mean + self._reduce_residual_for(index, mean)
+                mean = mean + self.memory.reduce_residual_for(index, mean)
             lo, hi = shard_bounds(x.numel(), n)[self.rank]
-            payload = self._encode_shard(self.reduce_codec, mean, self._segment_points(layout, lo, hi),
-                                         (index, 2, self.rank), self._key(step, index, self.rank, 2), refit)
+            payload = self.plans.encode(self.reduce_codec, mean, self.plans.segment_points(layout, lo, hi),
+                                        (index, 2, self.rank), self._key(step, index, self.rank, 2), refit)
             if self.reduce_feedback:
-                res = mean - decode_payload(payload, mean.numel())
-                self._staged_reduce[index] = ((n, buffer.numel()), res)
+                self.memory.stage_reduce(index, (n, buffer.numel()), mean - decode_payload(payload, mean.numel()))
             return payload
 
         out = buffer if buffer.dtype == torch.float32 else torch.empty_like(x)
         if self.collective == "allgather":
-            rs = allgather_mean(x.numel(), out, encode, group, self._fixed_size(self.codec, layout))
+            rs = allgather_mean(x.numel(), out, encode, group, self.plans.fixed_size(self.codec, layout))
         else:
             rs = two_phase_mean(x.numel(), out, encode, reduce_encode, group,
-                                self._fixed_size(self.codec, layout),
-                                self._fixed_size(self.reduce_codec, layout))
+                                self.plans.fixed_size(self.codec, layout),
+                                self.plans.fixed_size(self.reduce_codec, layout))
         if out is not buffer:
             buffer.copy_(out)
         if rs.nonfinite:
-            self._step_nonfinite = True
+            self.memory.mark_nonfinite()
         if feedback is not None:
-            self._staged[index] = (layout, feedback)
+            self.memory.stage(index, layout, feedback)
         self._account(index, step, buffer.numel(), rs, dense, self.collective, compressed=True)
-
-    def _residual_for(self, index: int, layout: tuple, x: torch.Tensor) -> torch.Tensor:
-        """Residual of bucket ``index``; re-keyed by parameter when DDP rebuilt its buckets."""
-        stored = self._residuals.get(index)
-        if stored is not None and stored[0] == layout:
-            return stored[1]
-        # Buckets changed (DDP's rebuild after step 1, or a restored checkpoint): spill every
-        # stored residual into per-parameter pieces, then assemble this bucket from them.
-        for old_layout, flat in self._residuals.values():
-            offset = 0
-            for key, numel in old_layout:
-                self._pending[key] = flat[offset:offset + numel]
-                offset += numel
-        self._residuals.clear()
-        pieces = [self._pending.pop(key, None) for key, _ in layout]
-        flat = torch.cat([p.to(x.device, x.dtype) if p is not None and p.numel() == numel
-                          else torch.zeros(numel, dtype=x.dtype, device=x.device)
-                          for p, (_, numel) in zip(pieces, layout)]) if layout else torch.zeros_like(x)
-        return flat
-
-    def _reduce_residual_for(self, index: int, mean: torch.Tensor) -> torch.Tensor:
-        stored = self._reduce_residuals.get(index)
-        if stored is not None and stored[1].numel() == mean.numel():
-            return stored[1]
-        return torch.zeros_like(mean)
 
     def _account(self, index, step, numel, rs, dense, collective, compressed) -> None:
         with self._lock:
@@ -624,26 +516,14 @@ class CompressionState:
             info = {"numel": numel, "collective": collective, "bytes_sent": rs.bytes_sent,
                     "payload_bytes": rs.payload_bytes, "messages": rs.messages}
             if compressed:
-                info["phase1"] = self._describe(self.codec, (index, 1, self.rank if collective == "two_phase" else 0))
+                info["phase1"] = self.plans.describe(self.codec, (index, 1, self.rank if collective == "two_phase" else 0))
                 if collective == "two_phase":
-                    info["phase2"] = self._describe(self.reduce_codec, (index, 2, self.rank))
+                    info["phase2"] = self.plans.describe(self.reduce_codec, (index, 2, self.rank))
                     info["reduce_payload_bytes"] = rs.reduce_payload_bytes
                     info["shard_payload_bytes"] = list(rs.shard_payload_bytes)
             st.buckets[index] = info
 
     # ------------------------------------------------------------------ public API
-    def _describe(self, codec: Codec, shard: tuple) -> dict:
-        """The codec's summary of a shard's plan: its first segment's, with the segment count and
-        every segment's format when there are several."""
-        plans = []
-        while (plan_key := shard + (len(plans),)) in self._plans:
-            plans.append(self._plans[plan_key])
-        info = codec.describe(plans[0] if plans else None)
-        if len(plans) > 1:
-            info["segments"] = len(plans)
-            info["formats"] = sorted({str(codec.describe(p).get("format")) for p in plans})
-        return info
-
     def stats(self) -> dict:
         """Cumulative wire statistics of this rank.
 
@@ -680,22 +560,12 @@ class CompressionState:
     def state_dict(self) -> dict:
         """Checkpointable state: step, fits, residuals (by parameter position), statistics."""
         self.wait_idle()
-        residuals = {}
-        for layout, flat in self._residuals.values():
-            offset = 0
-            for key, numel in layout:
-                if key in self._param_keys.values():
-                    residuals[int(key)] = flat[offset:offset + numel].clone()
-                offset += numel
-        for key, piece in self._pending.items():
-            if key in self._param_keys.values():
-                residuals[int(key)] = piece.clone()
-        if self.worker_feedback and self._residuals and not self._param_keys:
+        residuals = self.memory.by_parameter(set(self._param_keys.values()))
+        if self.worker_feedback and self.memory.residuals and not self._param_keys:
             warnings.warn("gradcomp: error-feedback residuals are not saved because the state does "
                           "not know the model's parameters; use gradcomp.register() or bind_model()")
-        fits = {"/".join(str(int(t)) for t in key): [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf)]
-                if f is not None else [] for key, f in self._fits.items()}
-        reduce_res = {int(b): t.clone() for b, ((_, _), t) in self._reduce_residuals.items()}
+        fits = self.plans.state_dict()
+        reduce_res = {int(b): t.clone() for b, ((_, _), t) in self.memory.reduce_residuals.items()}
         st = self._stats
         return {
             "version": STATE_VERSION,
@@ -704,7 +574,7 @@ class CompressionState:
             "fits": fits,
             "residuals": residuals,
             "reduce_residuals": reduce_res,
-            "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self._reduce_residuals.items()},
+            "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self.memory.reduce_residuals.items()},
             "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
                       "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
                       "messages": st.messages, "nonfinite_steps": st.nonfinite_steps},
@@ -724,20 +594,8 @@ class CompressionState:
         self.wait_idle()
         self.step = int(sd["step"])
         self._steps_agreed = False
-        self._fits.clear()
-        self._plans.clear()
-        for k, v in sd["fits"].items():
-            key = tuple(int(t) for t in k.split("/"))
-            if len(key) != 4:
-                raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment")
-            self._fits[key] = ShardFit(v[0], v[1], int(v[2]), v[3]) if v else None
-        # Plans are rebuilt at each key's first use (the segment's element count is needed).
-        self._residuals.clear()
-        self._staged.clear()
-        self._staged_reduce.clear()
-        self._pending = {int(k): v for k, v in sd["residuals"].items()}
-        self._reduce_residuals = {
-            int(b): (tuple(sd["reduce_residual_layouts"][b]), t) for b, t in sd["reduce_residuals"].items()}
+        self.plans.load_state_dict(sd["fits"])
+        self.memory.load(sd["residuals"], sd["reduce_residuals"], sd["reduce_residual_layouts"])
         st = sd["stats"]
         self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
                              dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),

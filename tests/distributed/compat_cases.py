@@ -208,8 +208,8 @@ def nonfinite_feedback_case(rank: int, world: int) -> dict:
 
         def residuals() -> list[torch.Tensor]:
             state.wait_idle()
-            return [t.clone() for _, t in state._residuals.values()] + \
-                [t.clone() for _, t in state._reduce_residuals.values()]
+            return [t.clone() for _, t in state.memory.residuals.values()] + \
+                [t.clone() for _, t in state.memory.reduce_residuals.values()]
 
         step(False)
         before = residuals()

@@ -82,10 +82,10 @@ def test_residuals_follow_parameters_across_a_bucket_rebuild():
     # DDP rebuilds buckets after the first step: a residual stored for bucket 0 = [p0, p1]
     # must reach the new buckets [p1] and [p2, p0] through the parameters.
     s = gradcomp.CompressionState(FPCodec(6), error_feedback=True)
-    s._residuals[0] = (((10, 3), (11, 2)), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
-    r = s._residual_for(1, ((11, 2),), torch.zeros(2))
+    s.memory.residuals[0] = (((10, 3), (11, 2)), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    r = s.memory.residual_for(1, ((11, 2),), torch.zeros(2))
     assert r.tolist() == [4.0, 5.0]
-    r = s._residual_for(2, ((12, 1), (10, 3)), torch.zeros(4))
+    r = s.memory.residual_for(2, ((12, 1), (10, 3)), torch.zeros(4))
     assert r.tolist() == [0.0, 1.0, 2.0, 3.0]  # p2 had no residual yet
 
 

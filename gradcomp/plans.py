@@ -1,0 +1,140 @@
+"""The plan cache of a compressing collective: fits and plans per shard and segment.
+
+A compressed collective encodes every bucket as shards (one per destination rank in the
+two-phase exchange, one in the all-gather), and every shard as segments: with ``per_tensor`` the
+shard is cut at its tensors' boundaries (runs of parts under ``min_segment`` elements share one
+segment), and every segment gets a lognormal fit of its own and a plan from it
+(:meth:`gradcomp.codecs.Codec.plan_segments`), refreshed when the caller says ``refit`` and
+reused in between. A shard of one segment is sent as the codec's plain payload; several as one
+SEGMENTS payload (:mod:`gradcomp.codecs.segments`).
+
+Keys: a shard is ``(bucket, phase, shard)``; its segment ``s`` is keyed ``(bucket, phase,
+shard, s)``. Random keys of segments: ``derive_key(shard_key, 3, s)`` for the shard's key
+``shard_key`` (a shard of one segment uses ``shard_key`` itself).
+
+Example:
+    >>> import torch
+    >>> from gradcomp.codecs import FPCodec, decode_payload
+    >>> cache = PlanCache(per_tensor=True)
+    >>> layout = ((0, 100), (1, 50))  # (parameter key, numel) of the bucket's tensors
+    >>> x = torch.cat([torch.full((100,), 1e-6), torch.full((50,), 3.0)])
+    >>> points = cache.segment_points(layout, 0, 150)
+    >>> points
+    [0, 100, 150]
+    >>> y = decode_payload(cache.encode(FPCodec(6), x, points, (0, 1, 0), key=1, refit=True), 150)
+    >>> bool(torch.allclose(y, x, rtol=0.3))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .codecs import Codec
+from .codecs.base import ShardFit, fit_or_none
+from .codecs.segments import join_segments, segments_wire_bytes, split_points
+from .rng import derive_key
+
+# Parts of a shard smaller than this (tiny tensors: a classifier's bias) share one segment.
+MIN_SEGMENT_NUMEL = 64
+
+
+class PlanCache:
+    """Fits and plans per shard segment (see the module docstring); not thread-safe (one worker uses it)."""
+
+    def __init__(self, per_tensor: bool = True, min_segment: int = MIN_SEGMENT_NUMEL):
+        if not isinstance(per_tensor, bool):
+            raise ValueError(f"per_tensor must be True or False, got {per_tensor!r}")
+        self.per_tensor = per_tensor
+        self.min_segment = min_segment
+        self.fits: dict[tuple, ShardFit | None] = {}  # (bucket, phase, shard, segment)
+        self.plans: dict[tuple, Any] = {}
+        self._points: dict[tuple, list[int]] = {}  # (tensor sizes, start, stop) -> segment bounds
+
+    def segment_points(self, layout: tuple, start: int, stop: int) -> list[int]:
+        """Segment boundaries of ``[start, stop)`` of a bucket of ``layout`` ((key, numel) per
+        tensor), relative to ``start``: ``[0, ..., stop - start]`` (one segment if not per tensor)."""
+        if not self.per_tensor or not layout:
+            return [0, stop - start]
+        numels = tuple(n for _, n in layout)
+        key = (numels, start, stop)
+        points = self._points.get(key)
+        if points is None:
+            points = split_points(numels, start, stop, self.min_segment)
+            self._points[key] = points = points if len(points) > 1 else [0, stop - start]
+        return points
+
+    def shard_plans(self, codec: Codec, shard_key: tuple, shard: torch.Tensor, points: list[int],
+                    refit: bool) -> list:
+        """The plans of a shard's segments: fitted and planned together on ``refit`` (or when one
+        is missing: after :meth:`load_state_dict` from the stored fits, so a resumed run encodes
+        the same); cached otherwise. Codecs with ``uses_fit = False`` are not fitted."""
+        keys = [shard_key + (s,) for s in range(len(points) - 1)]
+        if refit or any(k not in self.plans for k in keys):
+            fits = []
+            for k, a, b in zip(keys, points, points[1:]):
+                if not codec.uses_fit:
+                    fit = None
+                elif not refit and k in self.fits:
+                    fit = self.fits[k]
+                else:
+                    fit = fit_or_none(shard[a:b])
+                self.fits[k] = fit
+                fits.append(fit)
+            plans = codec.plan_segments(fits, [b - a for a, b in zip(points, points[1:])])
+            self.plans.update(zip(keys, plans))
+        return [self.plans[k] for k in keys]
+
+    def encode(self, codec: Codec, shard: torch.Tensor, points: list[int], shard_key: tuple,
+               key: int, refit: bool) -> torch.Tensor:
+        """One payload of ``shard``: the codec's own for one segment, SEGMENTS for several."""
+        plans = self.shard_plans(codec, shard_key, shard, points, refit)
+        if len(plans) == 1:
+            return codec.encode(shard, key=key, plan=plans[0])
+        parts = [codec.encode(shard[a:b], key=derive_key(key, 3, s), plan=plan)
+                 for s, (a, b, plan) in enumerate(zip(points, points[1:], plans))]
+        return join_segments(parts, [b - a for a, b in zip(points, points[1:])])
+
+    def fixed_size(self, codec: Codec, layout: tuple):
+        """``(start, stop) -> payload bytes`` of a fixed-size codec's shard (no size exchange
+        needed), else ``None``."""
+        if codec.wire_bytes(1) is None:
+            return None
+
+        def size(start: int, stop: int) -> int:
+            points = self.segment_points(layout, start, stop)
+            if len(points) <= 2:
+                return codec.wire_bytes(stop - start)
+            return segments_wire_bytes([codec.wire_bytes(b - a) for a, b in zip(points, points[1:])])
+        return size
+
+    def describe(self, codec: Codec, shard_key: tuple) -> dict:
+        """The codec's summary of a shard's plan: its first segment's, with the segment count and
+        every segment's format when there are several."""
+        plans = []
+        while (plan_key := shard_key + (len(plans),)) in self.plans:
+            plans.append(self.plans[plan_key])
+        info = codec.describe(plans[0] if plans else None)
+        if len(plans) > 1:
+            info["segments"] = len(plans)
+            info["formats"] = sorted({str(codec.describe(p).get("format")) for p in plans})
+        return info
+
+    def state_dict(self) -> dict[str, list]:
+        """The fits, ``"bucket/phase/shard/segment" -> [mu, sigma, count, max_abs]`` (``[]``: no fit)."""
+        return {"/".join(str(int(t)) for t in key): [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf)]
+                if f is not None else [] for key, f in self.fits.items()}
+
+    def load_state_dict(self, fits: dict) -> None:
+        """Restore :meth:`state_dict`'s fits; plans are rebuilt from them at each key's first use."""
+        loaded = {}
+        for k, v in fits.items():
+            key = tuple(int(t) for t in k.split("/"))
+            if len(key) != 4:
+                raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment")
+            loaded[key] = ShardFit(v[0], v[1], int(v[2]), v[3]) if v else None
+        self.fits = loaded
+        self.plans.clear()
