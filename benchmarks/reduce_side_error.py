@@ -171,7 +171,7 @@ def markdown(rows: list[dict], args, seconds: float) -> str:
         "Rows marked (default) are the codec's `reduce_codec()`. The sparse codecs' defaults were "
         "chosen by the rule: the cheapest phase-2 choice whose phase-2 NMSE stays below the phase-1 "
         "(all-gather) NMSE at every N and that adds no bias (a biased phase-2 loss escapes the "
-        "worker-side error feedback); see the PruneFPCodec / PruneCodec / TopKCodec docstrings. "
+        "worker-side error feedback): PruneFP(0.3, 8) for both pruning codecs, TopK(1.0) for top-k. "
         "The NMSE of sigma-2 data is dominated by the few largest entries, so differences below "
         "about 0.01 are within the trial-to-trial noise; the bias column is noise for the unbiased "
         "codecs and systematic shrinkage for top-k.",

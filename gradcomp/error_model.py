@@ -82,7 +82,7 @@ def _upper(t: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# pruning (SPEC 2.1)
+# pruning
 
 
 def _energy_below(log_top: float, s: float) -> float:
@@ -172,8 +172,8 @@ def _log_top(mu: float, upper: float) -> float:
 def pruning_nmse(alpha, mu: float, sigma: float, upper: float = math.inf):
     """Return the NMSE that stochastic pruning at threshold ``alpha`` adds, for lognormal ``|x|``.
 
-    ``E[(T(x) - x)^2] / E[x^2]`` with ``T`` the unbiased stochastic pruning of SPEC 2.1 and
-    ``|x| ~ Lognormal(mu, sigma)`` (natural log). An entry with ``|x| <= alpha`` becomes
+    ``E[(T(x) - x)^2] / E[x^2]`` with ``T`` the unbiased stochastic pruning of
+    :mod:`gradcomp.pruning` and ``|x| ~ Lognormal(mu, sigma)`` (natural log). An entry with ``|x| <= alpha`` becomes
     ``sign(x) alpha`` with probability ``|x|/alpha``, else 0: variance ``|x| (alpha - |x|)``;
     entries above ``alpha`` are untouched. In closed form (``z = ln alpha - mu``)::
 
@@ -209,7 +209,7 @@ def pruning_nmse(alpha, mu: float, sigma: float, upper: float = math.inf):
 
 
 # ---------------------------------------------------------------------------------------------
-# FP rounding of the kept values (SPEC 2.2, exact for the real format)
+# FP rounding of the kept values (exact for the real format)
 
 
 @dataclass(frozen=True)
@@ -520,10 +520,3 @@ def prune_fp_nmse(alpha: float, fmt: FPFormat | None, mu: float, sigma: float, s
     if fmt is not None:
         err += fp_nmse(fmt, mu, sigma, scale_exp, rounding, lower=alpha, upper=upper)
     return float(err)
-
-
-# ---------------------------------------------------------------------------------------------
-# the search
-
-
-# FP widths considered, dense and for PRUNE_FP values (FPFormat allows up to 16 bits).

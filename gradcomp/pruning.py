@@ -1,4 +1,4 @@
-"""Stochastic pruning (SPEC 2.1): unbiased sparsification of small magnitudes.
+"""Stochastic pruning: unbiased sparsification of small magnitudes (the seed paper's operator).
 
 With threshold ``alpha`` and ``eps ~ U(0, 1)`` drawn per element::
 

@@ -16,7 +16,6 @@ from .registry import decode_payload
 from .segments import join_segments, split_segments
 from .sparse import PruneCodec, PruneFPCodec, PrunePlan, TopKCodec
 
-
 __all__ = [
     "BudgetCodec", "BudgetPlan", "fp_nmse", "prune_fp_nmse", "pruning_nmse",
     "Codec", "CodecTag", "FPCodec", "FPPlan", "HEADER_BYTES", "HalfCodec", "Header",

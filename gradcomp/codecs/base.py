@@ -26,8 +26,8 @@ from __future__ import annotations
 import abc
 import enum
 import math
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -208,7 +208,7 @@ class Codec(abc.ABC):
                                       "must define expected_wire_bytes")
         return float(fixed)
 
-    def reduce_codec(self) -> "Codec":
+    def reduce_codec(self) -> Codec:
         """Codec for re-encoding a reduced (summed) shard in the second phase of an all-reduce."""
         return self
 

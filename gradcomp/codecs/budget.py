@@ -1,32 +1,25 @@
 """Budget codec: the pruning sparsity and FP format that minimize the error for a bit budget.
 
 :class:`BudgetCodec` takes a wire budget in bits per element (headers included, amortized over
-the shard) and, per shard, chooses from the lognormal fit of ``|x|`` (SPEC 2) the layout --
-dense FP (:class:`~gradcomp.codecs.dense.FPCodec`'s payload) or stochastic pruning with the kept
-values FP-coded (:class:`~gradcomp.codecs.sparse.PruneFPCodec`'s payload) or sent as float32
-(:class:`~gradcomp.codecs.sparse.PruneCodec`'s) -- the pruning threshold ``alpha`` (sparsity
-``S``), the value width ``b``, its exponent/mantissa split and its power-of-two scale ``k`` that
-minimize the expected error within the budget. The payloads are the ordinary FP / PRUNE_FP /
-PRUNE payloads, so :func:`gradcomp.codecs.decode_payload` decodes them. The error is the
-normalized expected squared error of :mod:`gradcomp.error_model`.
+the shard) and, per shard, chooses from the lognormal fit of ``|x|`` the layout (dense FP,
+pruning with FP-coded or float32 kept values), the threshold ``alpha`` (sparsity ``S``), the
+value width ``b``, its exponent/mantissa split and its power-of-two scale ``k`` that minimize
+the expected NMSE of :mod:`gradcomp.error_model` within the budget. The payloads are the
+ordinary FP / PRUNE_FP / PRUNE / IDENTITY payloads.
 
-Wire model
-----------
-Expected payload bits per element of the chosen layout: dense FP is ``8 * (8 + ceil(n b / 8)) /
-n``; PRUNE_FP / PRUNE is :func:`gradcomp.codecs.sparse.prune_fp_wire_bytes` with the expected
-nonzero fraction ``1 - S(alpha)`` and kept fraction ``P(|x| > alpha)`` (SPEC 2.1 closed forms).
-``n`` is the shard's element count (``numel`` when :meth:`BudgetCodec.plan` is given it, else
-the fit's ``count``, which is never more and so over-charges the header and treats every element
-as nonzero -- both conservative). The budget holds in expectation under the fit: for lognormal
-data the measured bits scatter by ``O(b / sqrt(n))`` around it (binomial counts), and data that
-is not lognormal can land off by more.
+Wire model: dense FP costs ``8 * (8 + ceil(n b / 8)) / n`` bits per element; PRUNE_FP / PRUNE
+cost :func:`gradcomp.codecs.sparse.prune_fp_wire_bytes` at the expected nonzero fraction
+``1 - S(alpha)`` and kept fraction ``P(|x| > alpha)`` (the seed paper's closed forms). ``n`` is
+``numel`` when :meth:`BudgetCodec.plan` is given it, else the fit's ``count`` (never more:
+conservative). The budget holds in expectation under the fit; the binomial scatter of the
+counts (``O(b / sqrt(n))`` bits per element) and any departure from a lognormal come on top.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -37,8 +30,7 @@ from ..error_model import MIN_SIGMA, fp_tables, log_top_of, pruning_nmse_z
 from ..formats import FPFormat
 from .base import HEADER_BYTES, Codec, CodecTag, Decoder, check_shard, fit_or_none
 from .dense import FPCodec, FPPlan, IdentityCodec, decode_fp_into, decode_identity_into, min_scale_exp
-from .sparse import (PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, decode_prune_into,
-                     prune_fp_wire_bytes)
+from .sparse import PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, decode_prune_into, prune_fp_wire_bytes
 
 __all__ = ["BudgetCodec", "BudgetPlan", "MIN_BUDGET_BITS"]
 
@@ -52,7 +44,7 @@ VALUE_BITS = DENSE_BITS + (32,)  # 32 = PRUNE (float32 values)
 _WIDE_MIN_MAN, _WIDE_MIN_EXP, _WIDE_MAX_EXP = 5, 2, 6
 
 
-@lru_cache(maxsize=None)
+@cache
 def _formats(bits: int) -> tuple[FPFormat, ...]:
     """Candidate formats of a width: every split up to 8 bits, the restricted splits above."""
     fmts = lognormal.candidate_formats(bits)
@@ -74,8 +66,9 @@ _MAX_SCALE = 2**14  # |k| limit of the quantizer (the header carries int16)
 def _fractions(z, s: float):
     """(nonzero fraction ``1 - S``, kept fraction ``P(u > e^z)``) per usable entry, vectorized.
 
-    ``1 - S(z) = Phi(-z/s) + exp(s^2/2 - z + log Phi(z/s - s))`` (SPEC 2.1's closed form, the
-    complement taken analytically so that high sparsities keep their relative precision).
+    ``1 - S(z) = Phi(-z/s) + exp(s^2/2 - z + log Phi(z/s - s))`` (the complement of
+    :func:`gradcomp.lognormal.sparsity_for_threshold`, taken analytically so that high sparsities
+    keep their relative precision).
     """
     z = np.asarray(z, dtype=np.float64)
     kept = special.ndtr(-z / s)
@@ -97,7 +90,8 @@ def _dense_bits(n: int, bits: int) -> float:
 
 @lru_cache(maxsize=1024)
 def _grid_ends(s: float, top: float) -> tuple[float, float]:
-    return tuple(math.log(lognormal.threshold_for_sparsity(p, 0.0, s)) for p in (_GRID_SPARSITY[0], top))
+    return (math.log(lognormal.threshold_for_sparsity(_GRID_SPARSITY[0], 0.0, s)),
+            math.log(lognormal.threshold_for_sparsity(top, 0.0, s)))
 
 
 def _cutoff_grid(mu: float, s: float, count: int) -> np.ndarray:
@@ -181,13 +175,10 @@ def _scales(fmt: FPFormat, amax: float) -> np.ndarray:
     """Scales to search for ``fmt``: ``k_min .. k_min + 2``, ``k_min`` the smallest ``k`` that
     does not saturate the shard's largest value ``amax`` (:func:`~gradcomp.codecs.dense.min_scale_exp`).
 
-    Saturation is excluded (it biases the codec; FPCodec and PruneFPCodec raise the scale at
-    encode time if it would happen), and above ``k_min`` a larger ``k`` only moves values from
-    the normal binades, where the relative precision is the same everywhere, towards the
-    subnormals: the NMSE hardly ever decreases. (Checked over every candidate format, sigma
-    0.05..4, 1e3 and 1e6 samples, cutoffs up to ``2 sigma``: the minimum over ``k_min ..
-    k_min + 39`` is at ``k_min`` in 99% of the cases and never more than 0.3% below it.)
-    The scaled grid must stay inside float32 (decode tables are float32) and ``|k| <= 2**14``.
+    Saturation is excluded (it biases the codec), and above ``k_min`` a larger ``k`` only moves
+    values from the normal binades towards the subnormals, so the NMSE hardly ever decreases
+    (checked in ``benchmarks/results/codec_error.md``, "Planner design checks"). The scaled grid
+    must stay inside float32 (decode tables are float32) and ``|k| <= 2**14``.
     """
     k_lo = max(min_scale_exp(amax, fmt), -_MAX_SCALE)
     k_hi = max(min(k_lo + _K_EXTRA, 127 - fmt.max_exponent, _MAX_SCALE), k_lo)
@@ -278,6 +269,7 @@ def _search(mu: float, sigma: float, budget: float, n: int, usable: float, round
                 tot = np.where(zs >= bounds[f.bits], prune + err, np.inf)
                 i = int(np.argmin(tot))
                 offer(_Choice("prune_fp", f, int(k[i]), float(zs[i]), float(tot[i])))
+    assert best is not None  # the fallback guarantees a candidate
     return best, not fallback
 
 
@@ -299,7 +291,7 @@ def _shard_max(fit) -> float:
 _MAX_NUMEL = 2**31 - 1  # payload counts are int32
 # The smallest budget any shard can meet: the cheapest candidate of the search (pruning to the
 # grid's top sparsity, every survivor a +-alpha entry) on the largest shard, where the 25 fixed
-# bytes weigh least (see BudgetCodec's "Floor").
+# bytes weigh least (see BudgetCodec's "Budget").
 MIN_BUDGET_BITS = _prune_bits(_MAX_NUMEL, 1.0 - _GRID_SPARSITY[1], 0.0, 2)
 
 
@@ -357,55 +349,40 @@ def _delegate(layout: str, bits: int, exp_bits: int, rounding: str):
 class BudgetCodec(Codec):
     """Meet a wire budget in bits per element with the least expected error, shard by shard.
 
-    Per shard (per :meth:`plan`, i.e. per refit), from the lognormal fit of ``|x|`` (SPEC 2),
-    choose among
+    Per shard (per :meth:`plan`, i.e. per refit), from the lognormal fit of ``|x|``, choose among
+    dense FP of 2..16 bits (FPCodec's payload), stochastic pruning with the kept values
+    (``|x| > alpha``) FP-coded at 2..16 bits (PruneFPCodec's) or sent as float32 (PruneCodec's),
+    and plain float32 (IdentityCodec's, once the budget affords ``32 + 64 / n`` bits), with
+    every exponent/mantissa split up to 8 bits (wider: 5..10 mantissa and 2..6 exponent bits)
+    and the best power-of-two scale ``k``, the combination with the smallest expected
+    ``NMSE = E[(Q(x) - x)^2] / E[x^2]`` (:mod:`gradcomp.error_model`; with stochastic rounding
+    every operator is unbiased, so this is the variance they add) whose expected payload fits
+    ``bits_per_element`` (headers included, amortized over the shard).
 
-    * dense FP (FPCodec's payload) of 2..16 bits,
-    * stochastic pruning at a threshold ``alpha`` with the kept values (``|x| > alpha``)
-      FP-coded at 2..16 bits (PruneFPCodec's payload) or sent as float32 (PruneCodec's),
-    * plain float32 (IdentityCodec's payload) once the budget affords ``32 + 64 / n`` bits,
+    Numerics: NMSE in closed form for the lognormal truncated at the shard's largest value (cell
+    by cell up to 8 bits; per binade above, within about 1%). Per value width, the smallest
+    ``alpha`` whose expected wire fits is solved continuously (regula falsi); the larger
+    ``alpha`` of a grid of 20 sparsities from 1e-3 up to ``1 - 1e-6`` (at most ``1 - 2 /
+    count``) are tried too. The scale is the smallest ``k`` that does not saturate the shard's
+    maximum, or up to 2 above it if better. ``alpha`` is rounded up to float32 (it travels as one).
 
-    with every exponent/mantissa split up to 8 bits (wider formats: the splits with 5..10
-    mantissa and 2..6 exponent bits) and the best power-of-two scale ``k``, the combination
-    with the smallest expected normalized squared error ``NMSE = E[(Q(x) - x)^2] / E[x^2]``
-    (module docstring: with stochastic rounding every operator is unbiased, so this is the
-    variance they add) whose expected payload fits ``bits_per_element`` (headers included,
-    amortized over the shard).
+    Budget: met in expectation under the fit. The cheapest candidate is pruning to a nonzero
+    fraction of ``1e-6`` with 2-bit values: 25 fixed bytes plus about ``1e-6 * 34`` bits per
+    element, so a shard of ``n`` elements needs at least ``min(200 / n + 3.4e-5, 2 + 64 / n)``
+    bits per element, and no shard (``n <= 2**31 - 1``, int32 counts) can meet less than
+    :data:`MIN_BUDGET_BITS` (3.39e-5): the constructor rejects such a budget (``ValueError``). A
+    shard too small for its budget gets the cheaper of dense 2-bit FP and that pruning (its
+    error can be far above 1) and ``within_budget=False`` in its plan.
 
-    Numerics: NMSE in closed form (:func:`pruning_nmse`, :func:`fp_nmse`: cell by cell for
-    formats up to 8 bits; wider ones per binade, within about 1%) for the lognormal truncated
-    at the shard's largest value. For each value width, the smallest ``alpha`` whose expected
-    wire fits is solved continuously (regula falsi on :func:`prune_fp_wire_bytes`); the optimum
-    almost always sits there (a larger ``alpha`` prunes more), and the larger ``alpha`` of a
-    grid of 20 sparsities from 1e-3 up to ``1 - 1e-6`` (at most ``1 - 2 / count``) are tried as
-    well. The scale is the smallest ``k`` that does not saturate the shard's maximum, or up to
-    2 above it if that is better (see ``_scales``). ``alpha`` is rounded up to float32 (it
-    travels as one). A plan takes about 5 ms of CPU.
-
-    Budget: in expectation under the fit; the binomial scatter of the counts (``O(b /
-    sqrt(n))`` bits per element) and any departure of the data from a lognormal come on top.
-    Floor: the cheapest candidate the search has is pruning to a nonzero fraction of ``1e-6``
-    (the top of its sparsity grid) with 2-bit values, whose payload costs its 25 fixed bytes (8
-    header + 17 PRUNE fields) plus about ``1e-6 * 34`` bits per element (sign, kept flag and
-    Rice-coded position of each survivor). A shard of ``n`` elements therefore needs at least
-    ``min(200 / n + 3.4e-5, 2 + 64 / n)`` bits per element (the second: dense 2-bit FP), and
-    the smallest budget any shard can meet is that of the largest shard a payload can carry
-    (``n = 2**31 - 1``, int32 counts): :data:`MIN_BUDGET_BITS` = 3.39e-5 bits per element.
-    A smaller budget cannot be met by any shard, so the constructor rejects it
-    (``ValueError``). Above it, a shard too small for the budget gets the cheapest candidate
-    (dense 2-bit FP or pruning at the grid's top sparsity with 2-bit values: its error can
-    be far above 1) and ``within_budget=False`` in its plan.
-
-    Wire: FP, PRUNE_FP, PRUNE or IDENTITY payloads (the header's tag says which), decoded by
-    :func:`gradcomp.codecs.decode_payload`; :meth:`wire_bytes` is ``None`` (data-dependent).
-    Unbiased with ``rounding="stochastic"`` (nothing saturates: the delegate codecs raise the
-    scale at encode time if a shard's maximum grew since its plan); ``"nearest"`` rounds the
-    values to nearest (biased), pruning stays stochastic. Reduce side: :meth:`reduce_codec` is
-    the codec itself (the mean is refitted and planned against the same budget).
+    Wire: FP, PRUNE_FP, PRUNE or IDENTITY payloads (the header's tag says which);
+    :meth:`wire_bytes` is ``None``. Unbiased with ``rounding="stochastic"`` (the delegate codecs
+    raise the scale at encode time if a shard's maximum grew since its plan); ``"nearest"``
+    rounds values to nearest (biased), pruning stays stochastic. :meth:`reduce_codec` is the
+    codec itself (the mean is refitted and planned against the same budget).
 
     Args:
-        bits_per_element: the budget, a finite number ``>= MIN_BUDGET_BITS`` (about 3.39e-5;
-            bits per element, headers included).
+        bits_per_element: the budget, a finite number ``>= MIN_BUDGET_BITS`` (bits per element,
+            headers included).
         rounding: ``"stochastic"`` or ``"nearest"``.
 
     Example:
@@ -486,10 +463,12 @@ class BudgetCodec(Codec):
             bits = 8.0 * (HEADER_BYTES + 4 * n) / n
             return BudgetPlan("identity", None, None, 0, None, 0.0, 1.0, 0.0, bits, budget, n, True)
         if c.layout == "fp":
-            err = fp_tables([c.fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
+            fmt = c.fmt
+            assert fmt is not None  # dense choices carry their format
+            err = fp_tables([fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
                              np.array([-np.inf]), exact=False, log_top=log_top)[0][0, 0]
-            bits = _dense_bits(n, c.fmt.bits)
-            return BudgetPlan("fp", FPPlan(c.fmt, c.scale_exp, None), c.fmt, c.scale_exp, None, 0.0, 1.0,
+            bits = _dense_bits(n, fmt.bits)
+            return BudgetPlan("fp", FPPlan(fmt, c.scale_exp, None), fmt, c.scale_exp, None, 0.0, 1.0,
                               float(err), bits, budget, n, ok and bits <= budget)
         alpha = min(_f32_up(math.exp(mu + c.z)), float(np.finfo(np.float32).max))
         z = math.log(alpha) - mu
@@ -499,10 +478,12 @@ class BudgetCodec(Codec):
         vb = 32
         values = None
         if c.layout == "prune_fp":
-            vb = c.fmt.bits
-            err += float(fp_tables([c.fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
+            fmt = c.fmt
+            assert fmt is not None  # prune_fp choices carry the values' format
+            vb = fmt.bits
+            err += float(fp_tables([fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
                                     np.array([z]), exact=False, log_top=log_top)[0][0, 0])
-            values = FPPlan(c.fmt, c.scale_exp, None)
+            values = FPPlan(fmt, c.scale_exp, None)
         bits = _prune_bits(n, nz * usable, kept * usable, vb)
         return BudgetPlan(c.layout, PrunePlan(alpha, sparsity, values), c.fmt, c.scale_exp, alpha, sparsity,
                           kept, err, bits, budget, n, ok and bits <= budget + 1e-9)
@@ -537,7 +518,7 @@ class BudgetCodec(Codec):
         """``None``: the layout and its size depend on the data (see :meth:`expected_wire_bytes`)."""
         return None
 
-    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None) -> float:
+    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None = None) -> float:
         """Expected payload bytes of a ``numel``-element shard whose usable entries follow ``fit``."""
         return self.plan(fit, numel).expected_bits * numel / 8.0
 

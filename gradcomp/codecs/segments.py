@@ -1,12 +1,10 @@
 """SEGMENTS payloads: one shard coded as consecutive segments, each with a plan of its own.
 
-A DDP bucket (and so a shard of it) carries many tensors whose gradient scales differ by orders
-of magnitude: a transformer's positional embedding next to its attention weights, a BatchNorm
-bias next to a convolution. One fit and one plan per shard then sets the format's scale (and a
-pruning threshold) by the largest tensor, and a small-scale tensor falls wholly into the
-subnormals (or below the threshold, where it becomes ``+-alpha`` at random): unbiased, but with
-an error many times its own norm. A SEGMENTS payload instead carries one ordinary payload per
-segment (a tensor's part of the shard), each encoded with its own plan.
+A DDP bucket carries tensors whose gradient scales differ by orders of magnitude; one plan per
+shard would set the scale (or pruning threshold) by the largest tensor and drown a small-scale
+tensor in the subnormals (or below the threshold): unbiased, but with an error many times its own
+norm. A SEGMENTS payload carries one ordinary payload per segment (a tensor's part of the shard),
+each encoded with its own plan.
 
 Layout (little-endian)::
 

@@ -2,8 +2,8 @@
 
 Three codecs share one way of sending positions (Rice-coded gaps, below):
 
-* :class:`PruneCodec` -- stochastic pruning at a lognormal-fitted threshold (SPEC 2.1), kept
-  values as raw float32. Unbiased.
+* :class:`PruneCodec` -- stochastic pruning at a lognormal-fitted threshold, kept values as raw
+  float32. Unbiased.
 * :class:`PruneFPCodec` -- the same pruning, kept values FP-coded with a format and scale fitted
   to the truncated (``|x| > alpha``) tail. Unbiased with stochastic rounding.
 * :class:`TopKCodec` -- the ``ceil(ratio * numel)`` largest (nonzero) magnitudes, values as
@@ -14,16 +14,12 @@ Positions: Rice-coded gaps
 The nonzero positions ``i_0 < i_1 < ...`` are sent as the gaps ``g_j = i_j - i_{j-1} - 1``
 (``i_{-1} = -1``), each split by a Rice parameter ``k`` into ``q = g >> k`` and the remainder
 ``g mod 2**k``. The remainders go into a fixed-width field (``k`` bits each); the ``q`` go into
-a *unary stream*: ``q`` zero bits then a one, concatenated. Decoding is two vectorized steps:
-the ones of the unary stream sit at ``e_j = sum_{l<=j} (q_l + 1) - 1``, so ``q = diff(e) - 1``,
-and ``i = cumsum((q << k | remainder) + 1) - 1``. ``k = 0`` is exactly the nonzero bitmap
-(truncated after the last nonzero). The encoder computes the exact cost ``n (k + 1) + sum(g >>
+a *unary stream*: ``q`` zero bits then a one, concatenated. ``k = 0`` is exactly the nonzero
+bitmap (truncated after the last nonzero). The encoder computes the exact cost ``n (k + 1) + sum(g >>
 k)`` of ``k = 0`` and of the few ``k`` around the model's optimum (:func:`rice_parameter`) and
 sends the cheapest, so positions never cost more than a bitmap, and clustered sparsity (whole
-rows pruned) gets cheaper. For pruned gradients (elements independent, sent with probability
-``p``) the gaps are geometric and the cost is about ``p (k + 1 + rho / (1 - rho))`` bits per
-element, ``rho = (1 - p)**(2**k)`` (exactly: :func:`rice_expected_bits`), close to the entropy:
-at ``p = 0.15`` (sparsity 0.85) 0.614 bits per element against 1 for a bitmap (entropy 0.610).
+rows pruned) gets cheaper. For independent elements sent with probability ``p`` the gaps are
+geometric and the expected cost (:func:`rice_expected_bits`) is close to the entropy.
 
 Payload layout (after the 8-byte header of :mod:`gradcomp.codecs.base`; little-endian; each
 bit field packed with :func:`gradcomp.packing.pack_unchecked` and padded to a whole byte)::
@@ -40,18 +36,13 @@ bit field packed with :func:`gradcomp.packing.pack_unchecked` and padded to a wh
     n x k bits    Rice remainders
     U bits        unary stream
 
-Speed: on CPU the pruning, compaction, Rice coding and scatter run in the native kernels of
-:mod:`gradcomp.kernels` (``csrc/sparse.cpp``), bit-identical to the eager tensor code below,
-which stays the reference and the fallback (``GRADCOMP_KERNELS=eager``, other devices). A
-corrupt stream detected natively is decoded again eagerly, so the error messages are the same.
+On CPU the native kernels of :mod:`gradcomp.kernels` produce the same bytes as the eager tensor
+code below (the reference and fallback, ``GRADCOMP_KERNELS=eager``).
 
-The header's format/scale fields describe the FP codes (PRUNE_FP) or are zero. Payloads are
-decodable by :func:`gradcomp.codecs.decode_payload`. Every decoder (eager or native) first checks
-the counts and the payload's length against the layout: a payload shorter than its fields imply,
-or with impossible counts, raises ``ValueError`` (the same message in every kernel mode); trailing
-bytes beyond the layout are ignored (a payload may sit at the start of a larger buffer).
-A non-finite input sets the header flag and the shard decodes to all-NaN (the lognormal fit
-ignores non-finite entries).
+The header's format/scale fields describe the FP codes (PRUNE_FP) or are zero. Decoders check the
+counts and the payload's length against the layout first: a shorter payload or impossible counts
+raise ``ValueError`` (the same message in every kernel mode); trailing bytes are ignored. A
+non-finite input sets the header flag and the shard decodes to all-NaN.
 """
 
 from __future__ import annotations
@@ -69,10 +60,27 @@ from .. import kernels, lognormal
 from ..packing import pack_unchecked, packed_size, unpack
 from ..pruning import stochastic_prune
 from ..rng import derive_key
-from .base import (HEADER_BYTES, Codec, CodecTag, Decoder, Header, check_plan_numel, check_shard, fit_or_none,
-                   make_header)
-from .dense import (FPPlan, _check_bits, check_payload_size, decode_fp_values,
-                    decodes_past_float32, encode_fp_values, fp_plan, min_scale_exp)
+from .base import (
+    HEADER_BYTES,
+    Codec,
+    CodecTag,
+    Decoder,
+    Header,
+    check_plan_numel,
+    check_shard,
+    fit_or_none,
+    make_header,
+)
+from .dense import (
+    FPPlan,
+    _check_bits,
+    check_payload_size,
+    decode_fp_values,
+    decodes_past_float32,
+    encode_fp_values,
+    fp_plan,
+    min_scale_exp,
+)
 
 # Rice parameters are packed as k-bit remainders, and the packer takes 1..16 bits. A capped k
 # only matters below about one nonzero in 2**16 elements, where the unary part then grows by
@@ -85,9 +93,9 @@ TOPK_FIXED_BYTES = _TOPK_FIXED.size  # 9
 _MAX_NUMEL = 2**31 - 1  # counts travel as int32; the counter-based RNG indexes with int32
 # Expected padding of one byte-aligned bit field whose length mod 8 is uniform: 7/16 byte.
 _PAD_BYTES = 7.0 / 16.0
-# Reduce side of the pruning codecs (see PruneFPCodec's docstring and
-# benchmarks/results/reduce_side_error.md): re-prune the averaged shard at this sparsity (or the
-# phase-1 sparsity if lower) with values of at least this many bits.
+# Reduce side of the pruning codecs: re-prune the averaged shard at this sparsity (or the phase-1
+# sparsity if lower) with values of at least this many bits (the rule and its measurements:
+# benchmarks/results/reduce_side_error.md).
 REDUCE_SPARSITY = 0.3
 REDUCE_BITS = 8
 _F32_MAX = float(torch.finfo(torch.float32).max)
@@ -124,13 +132,10 @@ def rice_parameter(count: int, numel: int) -> int:
 def rice_expected_bits(numel: int, p: float, k: int | None = None) -> float:
     """Expected bits of the Rice-coded positions (unary stream + remainders), exact in the model.
 
-    Model: each of ``numel`` elements is sent independently with probability ``p`` (what
-    stochastic pruning does; top-k positions are close to it). With ``m = 2**k`` and
-    ``q_j = g_j >> k``, ``E[sum q] = sum_{t >= 1} E[#entries whose gap >= t m] = p sum_{t=1}^{T}
-    (numel - t m)(1 - p)^(t m)``, ``T = floor((numel - 1) / m)`` (an entry at position ``i``
-    has gap ``>= t m`` iff ``i >= t m`` and the ``t m`` elements before it are unsent), summed in
-    closed form. Total: ``numel p (k + 1) + E[sum q]`` bits. ``k=None`` uses
-    :func:`rice_parameter` at the expected count. Padding is not included.
+    Model: each of ``numel`` elements is sent independently with probability ``p``. With
+    ``m = 2**k``: ``numel p (k + 1) + p sum_{t=1}^{T} (numel - t m)(1 - p)^(t m)`` bits,
+    ``T = floor((numel - 1) / m)`` (the second term is ``E[sum (g >> k)]``), summed in closed
+    form. ``k=None`` uses :func:`rice_parameter` at the expected count. Padding is not included.
 
     Example:
         >>> round(rice_expected_bits(1_000_000, 0.15) / 1_000_000, 4)
@@ -194,7 +199,11 @@ def _rice_encode(idx: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Ten
 
 def _rice_decode(rem: torch.Tensor, unary: torch.Tensor, unary_bits: int, k: int, n: int,
                  numel: int) -> torch.Tensor:
-    """Invert :func:`_rice_encode`: return the ``n`` positions (int64), validated ``< numel``."""
+    """Invert :func:`_rice_encode`: return the ``n`` positions (int64), validated ``< numel``.
+
+    The ones of the unary stream sit at ``e_j = sum_{l<=j} (q_l + 1) - 1``, so ``q = diff(e) - 1``
+    and ``i = cumsum((q << k | remainder) + 1) - 1``.
+    """
     fast = kernels.rice_decode(rem, unary, unary_bits, k, n, numel)
     if fast is not None and fast[1] == 0:
         return fast[0]
@@ -299,8 +308,8 @@ class PrunePlan:
     ``alpha`` is the threshold used for pruning and sent on the wire as float32 (:meth:`plan`
     returns float32 values; others are rounded to float32 at encode time, so pruning and wire
     always agree); ``alpha = inf`` is the plan of a shard without a usable (nonzero finite)
-    entry: everything encodes as zero. ``sparsity`` is the target ``alpha`` was solved for (informational).
-    ``values`` is the format and scale of the kept values; ``None`` means raw float32.
+    entry: everything encodes as zero. ``sparsity``: the target ``alpha`` was solved for
+    (informational). ``values``: the format and scale of the kept values; ``None`` means float32.
     """
 
     alpha: float
@@ -331,9 +340,8 @@ def usable_sparsity(sparsity: float, fit: lognormal.LognormalFit | None, numel: 
 
     A shard of ``numel`` elements with ``fit.count`` usable ones has a share ``z = 1 - count /
     numel`` of exact zeros, which prune for free. So the usable entries are pruned at ``(sparsity
-    - z) / (1 - z)``, and the whole shard reaches ``sparsity`` (not ``z + (1 - z) sparsity``,
-    which on a ReLU network's gradients with 70 % zeros would be 0.96 instead of 0.85). When the
-    zeros alone reach the target (``z >= sparsity``) nothing usable is pruned: ``0.0``.
+    - z) / (1 - z)``, and the whole shard reaches ``sparsity`` (not ``z + (1 - z) sparsity``).
+    When the zeros alone reach the target (``z >= sparsity``) nothing usable is pruned: ``0.0``.
     ``numel=None`` or no fit: ``sparsity`` unchanged.
 
     Example:
@@ -351,7 +359,7 @@ def usable_sparsity(sparsity: float, fit: lognormal.LognormalFit | None, numel: 
 
 # The threshold of "prune nothing" (the zeros alone reach the target): below every gradient
 # value in practice, and high enough that the pruning test ``u * alpha <= |x|`` cannot underflow
-# to 0 (at 2**-149 it did, and exact zeros became +-alpha).
+# to 0 (which would turn exact zeros into +-alpha).
 _ALPHA_MIN = 2.0**-100
 
 
@@ -409,20 +417,11 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
     8 above the scale that centres the tail's median in the format's range. The error is the
     midpoint quadrature of the pointwise error of the real format (subnormals, saturation,
     ``rounding``) against the truncated lognormal density: 4096 nodes in ``ln|x|`` from
-    ``ln alpha`` to ``max(mu, ln alpha) + 8 sigma`` (agrees with measurement to 1e-3, far below
-    the gaps between candidates). Ties go to the smaller ``k``, then the smaller ``exp_bits``.
-
-    Why this and not the truncated moments: treating the tail as a lognormal with the truncated
-    mean and std of ``ln|x|`` (:func:`truncated_log_moments`) and calling :func:`fp_plan`
-    describes its location but not its shape -- the true tail has a hard floor at ``alpha`` and
-    the *original* upper tail (std ``sigma``, not the truncated std). At sigma 2, S 0.85 (1M
-    samples) the moment fit (tail std 0.77) picks ``e2m3`` at ``k = -5``, which saturates 5% of
-    the kept values: they lose 71% of their energy (NMSE 0.71) and saturation makes the codec
-    biased. Relative error without the constraint picks the same, because the saturated entries
-    are few; but they carry the energy (for ``sigma = 2`` the energy-weighted ``ln|x|`` sits
-    ``2 sigma^2 = 8`` above ``mu``). With the constraint: ``e4m1`` at ``k = 0``, relative error
-    0.118 instead of 0.055, NMSE 0.022 instead of 0.71, nothing saturated. (Measured, sigma 1 /
-    2 / 3 at S 0.85: NMSE 0.030 / 0.71 / 0.96 for the moment fit, 0.003 / 0.022 / 0.015 here.)
+    ``ln alpha`` to ``max(mu, ln alpha) + 8 sigma``. Ties go to the smaller ``k``, then the
+    smaller ``exp_bits``. The tail keeps its true shape (a hard floor at ``alpha``, the original
+    upper tail): a lognormal with its truncated moments (:func:`truncated_log_moments`) would
+    choose scales that saturate the largest kept values (measured in
+    ``benchmarks/results/codec_error.md``, "Planner design checks").
     :class:`PruneFPCodec` also raises the scale at encode time if the actual maximum needs it.
     ``fit=None``, ``sigma == 0`` (nothing exceeds ``alpha``) or ``alpha = inf``: :func:`fp_plan`.
 
@@ -443,7 +442,7 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
     logw = -0.5 * ((t - fit.mu) / fit.sigma) ** 2
     w = np.exp(logw - logw.max())
     w = w / w.sum()
-    t_median = float(t[min(np.searchsorted(np.cumsum(w), 0.5), _TAIL_NODES - 1)])
+    t_median = float(t[min(int(np.searchsorted(np.cumsum(w), 0.5)), _TAIL_NODES - 1)])
     max_abs = getattr(fit, "max_abs", None)  # the shard's own maximum, where the fit carries it
     if max_abs is not None and 0.0 < max_abs < math.inf:
         t_top = max(lo, math.log(max_abs))
@@ -465,6 +464,7 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
             rank = (err, k, fmt.exp_bits)
             if best is None or rank < best[0]:
                 best = (rank, fmt, k, err)
+    assert best is not None  # candidate_formats is never empty
     _, fmt, k, err = best
     return FPPlan(fmt, int(k), float(err))
 
@@ -473,8 +473,7 @@ def prune_fp_wire_bytes(numel: int, nonzero_fraction: float, kept_fraction: floa
                        value_bits: int) -> float:
     """Return the expected payload size in bytes (header included) of a PRUNE / PRUNE_FP payload.
 
-    For ``numel``
-    elements of which a fraction ``nonzero_fraction`` (``1 - S``) survives pruning and
+    For ``numel`` elements of which a fraction ``nonzero_fraction`` (``1 - S``) survives pruning and
     ``kept_fraction`` (``P(|x| > alpha)``) keeps its value at ``value_bits`` bits (32 for
     :class:`PruneCodec`, ``bits`` for :class:`PruneFPCodec`), with the entries independent::
 
@@ -483,8 +482,6 @@ def prune_fp_wire_bytes(numel: int, nonzero_fraction: float, kept_fraction: floa
     ``n = numel * nonzero_fraction``, ``n_kept = numel * kept_fraction``, Rice bits from
     :func:`rice_expected_bits` (``k`` chosen at the expected count, as the encoder does), and
     ``7/16`` byte of padding per non-empty bit field (bit lengths mod 8 taken as uniform).
-    Per element that is about ``kept vb + nonzero + (nonzero - kept) + Rice(nonzero)`` bits;
-    at sparsity 0.85, sigma 2 (nonzero 0.15, kept 0.050) with 6-bit values: 1.16 bits.
 
     Example:
         >>> round(8 * prune_fp_wire_bytes(1_000_000, 0.15, 0.05, 6) / 1_000_000, 3)
@@ -508,8 +505,14 @@ def prune_fp_wire_bytes(numel: int, nonzero_fraction: float, kept_fraction: floa
 
 class _PruneBase(Codec):
     uses_fit = True
-    _value_bits: int
+    sparsity: float
+    count_zeros: bool
     _with_values: ClassVar[bool]  # plans carry an FPPlan for the kept values (PRUNE_FP)
+
+    @property
+    def _value_bits(self) -> int:
+        """Bits per kept value on the wire (float32 unless a subclass FP-codes them)."""
+        return 32
 
     def _alpha(self, fit, numel):
         check_plan_numel(numel)
@@ -523,7 +526,7 @@ class _PruneBase(Codec):
         """``None``: the size depends on the data (see :meth:`expected_wire_bytes`)."""
         return None
 
-    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None) -> float:
+    def expected_wire_bytes(self, numel: int, fit: lognormal.LognormalFit | None = None) -> float:
         """Expected payload bytes for ``numel`` elements whose usable entries follow ``fit``.
 
         :func:`prune_fp_wire_bytes` at the fractions of :func:`pruning_fractions` for the plan's
@@ -606,30 +609,22 @@ class _PruneBase(Codec):
 class PruneCodec(_PruneBase):
     """Stochastically prune at a lognormal-fitted threshold; send survivors' values as float32.
 
-    Numerics (SPEC 2.1): ``alpha = threshold_for_sparsity(sparsity, mu, sigma)`` of the shard's
-    fit, rounded to float32 once and used for both pruning and the wire. Entries with
-    ``|x| > alpha`` are sent exactly; the others become ``sign(x) alpha`` with probability
-    ``|x| / alpha`` (uniforms from ``derive_key(key, 1)``), else 0. Unbiased: ``E[decode] = x``.
-    The measured sparsity matches the target to the extent ``|x|`` is lognormal. A shard without
-    a nonzero finite entry (``fit=None``) encodes as all zeros (``alpha = inf`` on the wire).
-    Exact zeros (62-77 % of a ReLU network's gradient entries) are pruned for free; with
+    Numerics: ``alpha = threshold_for_sparsity(sparsity, mu, sigma)`` of the shard's fit (the seed
+    paper's closed form for the expected sparsity, inverted), rounded to float32 once and used
+    for both pruning and the wire. Entries with ``|x| > alpha`` are sent exactly; the others
+    become ``sign(x) alpha`` with probability ``|x| / alpha`` (uniforms from ``derive_key(key,
+    1)``), else 0. Unbiased: ``E[decode] = x``. The achieved sparsity matches the target to the
+    extent ``|x|`` is lognormal. A shard without a nonzero finite entry (``fit=None``) encodes as
+    all zeros (``alpha = inf`` on the wire). Exact zeros are pruned for free; with
     ``count_zeros=True`` (default) they count toward ``sparsity``, so the usable entries are
-    pruned at :func:`usable_sparsity` and the shard as a whole reaches ``sparsity`` (this
-    needs ``numel`` in :meth:`plan`); ``False`` prunes the usable entries at ``sparsity``.
+    pruned at :func:`usable_sparsity` and the shard as a whole reaches ``sparsity`` (this needs
+    ``numel`` in :meth:`plan`); ``False`` prunes the usable entries at ``sparsity``.
 
-    Wire: the PRUNE layout of :mod:`gradcomp.codecs.sparse` with 32-bit values; size depends on
-    the data (:meth:`wire_bytes` is ``None``), expectation :meth:`expected_wire_bytes`. At
-    sparsity 0.85 and sigma 2 (natural log), 1M elements: 2.47 bits per element (0.05 of the
-    entries carry 32 bits, 0.10 carry a sign, positions cost 0.61 + 0.15 bits).
+    Wire: the PRUNE layout (module docstring) with 32-bit values; the size depends on the data
+    (:meth:`wire_bytes` is ``None``), its expectation is :meth:`expected_wire_bytes`.
 
     Reduce side (two-phase all-reduce): :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity,
-    0.3), 8, count_zeros=False)`` (the mean's zeros are phase 1's pruning; its sparsity applies
-    to the mean's nonzeros, as measured), chosen by the rule and the measurements explained in :class:`PruneFPCodec`. For
-    this codec (``benchmarks/results/reduce_side_error.md``, 1M elements, sigma 2, N = 2/4/8):
-    all-gather NMSE 0.012/0.013/0.010; PruneFP(0.3, 8) adds 0.009/0.003/0.002 at 0.20/0.34/0.47
-    bytes per element; re-pruning with this codec adds 0.49/0.68/0.59; FP(8) adds 0.0015 but
-    costs 1.0 byte per element (2-5x), so the cheaper choice that keeps the added error below the
-    phase-1 error wins.
+    0.3), 8, count_zeros=False)``, by the rule stated in :class:`PruneFPCodec`.
 
     Example:
         >>> codec = PruneCodec(0.85)
@@ -642,7 +637,6 @@ class PruneCodec(_PruneBase):
 
     tag = CodecTag.PRUNE
     stochastic = True
-    _value_bits = 32
     _with_values = False
 
     def __init__(self, sparsity: float = 0.85, count_zeros: bool = True):
@@ -674,45 +668,26 @@ class PruneFPCodec(_PruneBase):
     code) with ``rounding`` (stochastic: uniforms from ``derive_key(key, 2)``) after the exact
     power-of-two scaling ``2**-k``. Format and ``k`` come from :func:`tail_fp_plan`: the least
     exact expected relative error over the truncated lognormal ``|x| > alpha`` of the fit,
-    among scales that do not saturate the expected largest entry. Approximation: the shard's
-    ``|x|`` is taken as lognormal (the fit), and its largest entry as the
-    ``1 - 1/(count + 1)`` quantile; encode then raises ``k`` (never lowers it; the header
-    carries the ``k`` used) whenever this shard's largest kept value would still saturate.
-    The simpler model -- a lognormal with the truncated-normal moments of ``ln|x|``
-    (:func:`truncated_log_moments`) fed to :func:`fp_plan` -- was measured and rejected: it
-    saturates the largest kept values (see :func:`tail_fp_plan`).
+    among scales that do not saturate the shard's largest entry (``fit.max_abs``, else the
+    ``1 - 1/(count + 1)`` quantile). Encode raises ``k`` (never lowers it; the header carries
+    the ``k`` used) whenever this shard's largest kept value would still saturate.
 
     With stochastic rounding the codec is unbiased: pruning is unbiased, stochastic rounding is
     exactly unbiased conditionally on the pruning, and nothing saturates. A kept value may
     round below ``alpha`` (or to 0 under the smallest subnormal): still unbiased, merely not
     monotone. ``rounding="nearest"`` is biased (``stochastic`` is then ``False``).
 
-    Wire: the PRUNE_FP layout of :mod:`gradcomp.codecs.sparse`, ``bits``-bit value codes; size
-    depends on the data, expectation :meth:`expected_wire_bytes` /
-    :func:`prune_fp_wire_bytes`. At ``PruneFPCodec(0.85, 6)``, sigma 2, 1M elements: 1.16 bits
-    per element, header included (0.30 values, 0.15 kept flags, 0.10 signs, 0.61 positions).
+    Wire: the PRUNE_FP layout (module docstring), ``bits``-bit value codes; the size depends on
+    the data, its expectation is :meth:`expected_wire_bytes` / :func:`prune_fp_wire_bytes`.
 
-    Reduce side: :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity, 0.3), max(bits, 8))``
-    (``exp_bits`` kept only if the width is). The mean of N pruned shards is denser than one of
-    them (45-75% zeros at N = 8..2 instead of 85%) and not lognormal (spikes at multiples of
-    ``alpha/N``). Measured (``benchmarks/reduce_side_error.py``: 1M elements, sigma 2, log-
-    magnitude correlation 0.5 between ranks, 4 trials; NMSE against the exact mean; phase 1
-    ``PruneFPCodec(0.85, 6)``, whose all-gather NMSE is 0.029 / 0.030 / 0.027 at N = 2 / 4 / 8),
-    the NMSE the second encode adds and its bytes per element:
-
-    * same codec, fresh fit: +0.49 / +0.68 / +0.60 at 0.03-0.06 B -- the sparsity target applies
-      to the mean's nonzero entries, so 0.85 of them leaves only 3-6% of the shard;
-    * same codec at sparsity ``1 - 0.15 N`` (0.70 / 0.40 / 0.05): +0.17 / +0.027 / +0.020 at
-      0.07 / 0.25 / 0.58 B;
-    * dense ``FPCodec(6)``: +0.008 / +0.018 / +0.021 at 0.75 B;
-    * ``PruneFPCodec(0.5, 8)``: +0.043 / +0.031 / +0.020 at 0.12 / 0.20 / 0.28 B;
-    * ``PruneFPCodec(0.3, 8)``: +0.008 / +0.003 / +0.003 at 0.20 / 0.34 / 0.47 B.
-
-    Rule: the cheapest choice whose added NMSE stays below the phase-1 NMSE at every N; only
-    ``PruneFPCodec(0.3, 8)`` and dense FP pass, and the former costs 1.6-3.7x fewer bytes with
-    less error. Two-phase then sends 0.17 / 0.37 / 0.54 bytes per element per rank, against
-    0.15 / 0.44 / 1.02 for the all-gather path. ``reduce_codec()`` cannot see N; the sparsity
-    applies to the mean's nonzeros, so its payload grows with the mean's density by itself.
+    Reduce side (two-phase all-reduce): :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity,
+    0.3), max(bits, 8), count_zeros=False)`` (``exp_bits`` kept only if the width is). The mean
+    of N pruned shards is denser than one of them and not lognormal (spikes at multiples of
+    ``alpha/N``); its zeros are phase 1's pruning, so the sparsity applies to its nonzeros and
+    the payload grows with the mean's density (``reduce_codec()`` cannot see N). Rule: the
+    cheapest phase-2 codec whose added NMSE stays below the phase-1 NMSE at every N and that
+    adds no bias; the candidates and their measurements are in
+    ``benchmarks/results/reduce_side_error.md``.
 
     Example:
         >>> codec = PruneFPCodec(0.85, bits=6)
@@ -781,10 +756,12 @@ def _prune_fields(payload: torch.Tensor, header: Header, numel: int, with_values
     if not (alpha > 0 and (n == 0 or math.isfinite(alpha))):  # NaN fails too; inf: n = 0 only
         raise ValueError(f"corrupt sparse payload: threshold alpha={alpha!r} with n={n}")
     _check_counts(n, unary_bits, k, numel, f", n_kept={n_kept}")
+    value_fmt = None  # the kept values' format: PRUNE_FP only
     if header.tag == CodecTag.PRUNE_FP:
         if header.fmt is None:
             raise ValueError("PRUNE_FP payload without a value format in its header")
-        value_bytes = packed_size(n_kept, header.fmt.bits)
+        value_fmt = header.fmt
+        value_bytes = packed_size(n_kept, value_fmt.bits)
     else:
         value_bytes = 4 * n_kept
     need = (HEADER_BYTES + PRUNE_FIXED_BYTES + value_bytes + packed_size(n, 1) + packed_size(n - n_kept, 1)
@@ -793,9 +770,9 @@ def _prune_fields(payload: torch.Tensor, header: Header, numel: int, with_values
     if n == 0 or not with_values:
         return alpha, n, n_kept, unary_bits, k, None, None, None, None, None
     rd = _Reader(payload, HEADER_BYTES + PRUNE_FIXED_BYTES)
-    if header.tag == CodecTag.PRUNE_FP:
+    if value_fmt is not None:
         values = torch.empty(n_kept, dtype=torch.float32, device=payload.device)
-        decode_fp_values(rd.take(packed_size(n_kept, header.fmt.bits)), header.fmt,
+        decode_fp_values(rd.take(packed_size(n_kept, value_fmt.bits)), value_fmt,
                          header.scale_exp, n_kept, values)
     else:
         values = _as_float32(rd.take(4 * n_kept))
@@ -878,22 +855,17 @@ class TopKCodec(Codec):
     systematically): use it with error feedback, which the hook state provides
     (``worker_feedback``) -- without it, the dropped mass is lost. No fit, no randomness.
 
-    Wire (TOPK layout of :mod:`gradcomp.codecs.sparse`): header, ``n``, the unary length and the
-    Rice parameter (9 bytes), ``n`` float32 values in position order, then the Rice-coded
-    positions: about ``log2(1/ratio) + 1.5`` bits per entry (8.1 at ratio 0.01, against 20 for
-    fixed-width indices of a 1M-element shard). At ratio 0.01: about 0.40 bits per element.
+    Wire: the TOPK layout (module docstring): header, ``n``, the unary length and the Rice
+    parameter (9 bytes), ``n`` float32 values in position order, then the Rice-coded positions,
+    about ``log2(1/ratio) + 1.5`` bits per entry.
 
     Reduce side: :meth:`reduce_codec` is ``TopKCodec(1.0)``, which sends every nonzero of the
     averaged shard exactly (zeros are never sent): lossless, at about ``(32 + Rice) / 8`` bytes
-    per nonzero of the mean (at most ``N * ratio`` of the shard). Measured
-    (``benchmarks/results/reduce_side_error.md``, 1M elements, sigma 2, N = 2/4/8): it adds no
-    error at 0.09 / 0.16 / 0.27 bytes per element; a second ``TopKCodec(ratio)`` costs only 0.05
-    and adds NMSE 0.021 / 0.045 / 0.060 (below phase 1's 0.045 / 0.056 / 0.063), but it is biased:
-    the shrinkage deepens (bias -0.07 / -0.12 / -0.17 instead of -0.05 / -0.07 / -0.09), and what
-    the reducing rank drops escapes the workers' error feedback (their residual is ``x -
-    decode(own payload)``). With reduce-side error feedback enabled, passing
-    ``reduce_codec=TopKCodec(ratio)`` to the hook is the cheaper valid choice. Dense FP(8) adds
-    0.001 at 1.0 byte per element.
+    per nonzero of the mean (at most ``N * ratio`` of the shard). A second ``TopKCodec(ratio)``
+    is cheaper but biased, and what the reducing rank drops escapes the workers' error feedback
+    (their residual is ``x - decode(own payload)``); with reduce-side error feedback enabled,
+    passing ``reduce_codec=TopKCodec(ratio)`` to the hook is the cheaper valid choice
+    (measurements: ``benchmarks/results/reduce_side_error.md``).
 
     Example:
         >>> codec = TopKCodec(0.25)

@@ -1,10 +1,11 @@
-"""Neural-gradient quantization (seed 000): quantize/prune the gradient flowing back through a layer.
+"""Neural-gradient quantization: quantize/prune the gradient flowing back through a layer.
 
-:class:`GradQuant` is the identity in the forward pass. In the backward pass it takes the
-gradient w.r.t. its input (the "neural gradient" of the layer it follows) and
+The method of the lognormal seed paper (Chmiel et al., ICLR 2021). :class:`GradQuant` is the
+identity in the forward pass. In the backward pass it takes the gradient w.r.t. its input (the
+"neural gradient" of the layer it follows) and
 
 1. stochastically prunes it at the threshold that gives ``sparsity`` under the layer's
-   lognormal fit (SPEC 2.1; unbiased), if ``sparsity > 0``;
+   lognormal fit (:func:`gradcomp.lognormal.threshold_for_sparsity`; unbiased), if ``sparsity > 0``;
 2. rounds it onto a ``bits``-bit float (sign included), if ``bits`` is set, with the
    exponent/mantissa split ``E*`` chosen from the fit (``criterion="relative"``: the seed's
    exact mean relative error, the setting of its table; ``"mse"`` also available), shifted by

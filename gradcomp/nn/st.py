@@ -1,4 +1,4 @@
-"""Squeeze-and-Threshold (ST) activation quantization (seed 001, SPEC 3), 1 to 4 bits.
+"""Squeeze-and-Threshold (ST) activation quantization, 1 to 4 bits.
 
 :class:`SqueezeThreshold` sits in front of a convolution and quantizes its input ``x`` of shape
 ``(B, C, *spatial)`` to ``k = bits`` bits per element. No public code exists; this is our
@@ -62,7 +62,7 @@ Running estimate (BatchNorm-style, ``momentum``): each training forward sets, pe
 ``running_threshold = (1 - momentum) * running_threshold + momentum * t / (2 * mean_b a)``,
 the 1-bit threshold at the batch-mean attention, i.e. the harmonic mean of the per-sample
 ``theta`` (*guess*: the paper says only "momentum"; this mean stays finite when some sample's
-attention saturates at 0, and on MNIST-1D eval accuracy matched train-mode accuracy). It
+attention saturates at 0). It
 starts at ``init_step / 2`` (attention 1). Eval mode uses it and never runs the MLP:
 ``out = t * round(clamp(x * (0.5 / running_threshold), 0, n))``, an elementwise map, so a
 sample's output does not depend on the rest of the batch; thresholds are
@@ -73,17 +73,10 @@ rank 0's.
 Cost: training forward is the squeeze (one reduction), the two (B, C) matmuls and four
 elementwise passes over ``x`` (scale, clamp, round, rescale); backward is one fused autograd
 node (six passes, no bool masks) plus the MLP's and the squeeze's gradients. Eval is the four
-passes only. Measured here (1 thread, shared machine, forward+backward): about one
-``Conv1d(C, C, 3)`` on the same tensor, 0.7-0.9 ms at (B, C, L) = (64, 16..64, 40..10) (per-op
-overhead dominates such small tensors) and 3.3 ms against the conv's 4.5 ms at (128, 64, 40).
-A ``resnet1d`` width-16 training step (B=64, 8 ST blocks) takes about 2x the full-precision one.
+passes only. Measured timings and accuracies: ``benchmarks/results/st_bits.md``.
 
-Training (measured on MNIST-1D, ``resnet1d`` width 16, B=64, 15 epochs, SGD momentum 0.9
-Nesterov, one-cycle, weight decay 5e-4 on the non-ST parameters only): test accuracy
-full precision 97.9% (lr 0.05) / 98.8% (lr 0.1); 4 bits 98.1% / 99.1%; 2 bits 96.7% / 96.7%;
-1 bit 81.5% (lr 0.05), 91.2% (lr 0.1), 95.0% (lr 0.2). Eval (running thresholds) and
-train-mode accuracy agreed within 1.4 points. Keep weight decay off ``log_step`` (it would
-pull ``t`` towards 1) and the MLP; 1 bit wants a larger learning rate or more epochs.
+Training: keep weight decay off ``log_step`` (it would pull ``t`` towards 1) and the MLP; 1 bit
+wants a larger learning rate or more epochs.
 
 Example:
     >>> st = SqueezeThreshold(16, bits=2)
