@@ -64,7 +64,7 @@ class Task:
     def evaluate(self, model, data: dict) -> float: raise NotImplementedError
     def optimizer(self, params, cfg: dict): raise NotImplementedError
     def model_name(self, cfg: dict) -> str: raise NotImplementedError
-    def recipe(self, cfg: dict) -> str: raise NotImplementedError  # optimizer and batch, one line
+    def recipe(self, cfg: dict) -> str: raise NotImplementedError  # batch unit; optimizer (one line)
     def eval_text(self) -> str: raise NotImplementedError  # what the metric is measured on
 
 
@@ -139,7 +139,7 @@ class DigitsTask(Task):
         return f"gradcomp.models.build_model('{self.model}', width={cfg['width']})"
 
     def recipe(self, cfg) -> str:
-        return f"global batch {cfg['global_batch']} images, SGD lr {cfg['lr']} momentum {cfg['momentum']}"
+        return f"images; SGD lr {cfg['lr']} momentum {cfg['momentum']}"
 
     def eval_text(self) -> str:
         return "test accuracy on the 360 test images"
@@ -219,7 +219,7 @@ class LMTask(Task):
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     def recipe(self, cfg) -> str:
-        return (f"global batch {cfg['global_batch']} sequences x {LM_CONTEXT} bytes, AdamW lr {cfg['lr']} "
+        return (f"sequences of {LM_CONTEXT} bytes; AdamW lr {cfg['lr']} "
                 f"betas {LM_BETAS} weight decay {LM_WEIGHT_DECAY} (matrices and embeddings), linear warm-up over "
                 f"{LM_WARMUP_FRAC:.0%} of the steps then cosine decay to {LM_MIN_LR_FRAC:g} x lr")
 
@@ -239,7 +239,10 @@ TASKS = {t.name: t for t in [
         model="mlp",
         defaults=dict(width=1000, global_batch=64, lr=0.02, momentum=0.9, steps=36, eval_every=3, target=0.95,
                       world_sizes=(2, 4), seeds=(0, 1, 2), rates=("50mbit", "200mbit", "1gbit", "uncapped"),
-                      methods=None, output="bandwidth", stem="bandwidth"),
+                      methods=("fp32", "fp16_hook", "powersgd_r1", "powersgd_r4", "quant_pertensor", "quant_perchannel",
+                               "topk_0.01_ef", "fp8", "fp6", "fp5", "fp4", "prune_0.85", "prune_0.95",
+                               "prunefp_0.85_6", "budget_1.5"),
+                      output="bandwidth", stem="bandwidth"),
         quick=dict(steps=12, target=0.85, world_sizes=(2,), seeds=(0, 1), rates=("200mbit", "uncapped"),
                    methods=("fp32", "fp16_hook", "fp6", "prunefp_0.85_6"), compute_steps=5)),
     DigitsTask(
@@ -248,16 +251,27 @@ TASKS = {t.name: t for t in [
         defaults=dict(width=32, global_batch=64, lr=0.05, momentum=0.9, steps=80, eval_every=5, target=0.9,
                       world_sizes=(4,), seeds=(0, 1), rates=("200mbit", "1gbit"),
                       methods=("fp32", "fp16_hook", "powersgd_r4", "topk_0.01_ef", "fp8", "fp6", "prune_0.85",
-                               "prunefp_0.85_6", "budget_1.5"), output="bandwidth_cnn", stem="cnn"),
+                               "prunefp_0.85_6", "budget_1.5"), output="bandwidth_cnn", stem="cnn",
+                      goals=dict(close=0.005)),
         quick=dict(steps=6, target=0.3, world_sizes=(2,), seeds=(0,), rates=("200mbit",),
                    methods=("fp32", "prunefp_0.85_6"), compute_steps=3, eval_every=3)),
     LMTask(
         name="lm", title="GPT byte-level LM on the Python stdlib", metric="val_loss", higher_is_better=False,
         target_kind="fp32_relative",
-        defaults=dict(width=256, global_batch=16, lr=2e-3, momentum=0.0, steps=150, eval_every=10, target=0.01,
+        # steps/eval_every sized so the sweep (9 methods x 2 rates x 2 seeds, N=4) takes about 90 minutes: est is the
+        # calibration run of 2026-12-02 (12 steps per method at 200 Mbit/s, N=4, machine shared: load 5-7;
+        # compute-only step 0.74 s; see benchmarks/README.md)
+        defaults=dict(width=256, global_batch=16, lr=2e-3, momentum=0.0, steps=90, eval_every=6, target=0.01,
+                      params=5_627_136,
+                      est=dict(compute_s=0.74, eval_s=0.5, start_s=2.0, group_s=60.0,
+                               codec_s={"baseline": 0.0, "torch": 0.05, "topk": 0.55, "fp": 0.0, "sparse": 0.1},
+                               bits={"powersgd_r4": 0.82, "powersgd_r16": 2.84, "topk_0.01_ef": 0.78,
+                                     "prune_0.85": 0.22, "prune_0.95": 0.1, "prunefp_0.85_6": 0.21,
+                                     "budget_1.5": 0.18}),
                       world_sizes=(4,), seeds=(0, 1), rates=("200mbit", "1gbit"),
-                      methods=("fp32", "fp16_hook", "powersgd_r4", "powersgd_r16", "topk_0.01_ef", "fp8", "fp6",
-                               "prune_0.85", "prunefp_0.85_6", "budget_1.5"), output="bandwidth_lm", stem="lm"),
+                      methods=("fp32", "fp16_hook", "powersgd_r4", "powersgd_r16", "topk_0.01_ef", "fp6",
+                               "prune_0.85", "prunefp_0.85_6", "budget_1.5"), output="bandwidth_lm", stem="lm",
+                      goals=dict(close=0.01, vs_fp16=4.0, vs_powersgd=1.5)),
         quick=dict(width=64, global_batch=4, steps=4, eval_every=2, world_sizes=(2,), seeds=(0,),
                    rates=("200mbit",), methods=("fp32", "fp6"), compute_steps=2)),
 ]}

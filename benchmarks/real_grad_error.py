@@ -127,7 +127,6 @@ def _measure_model(rank: int, job: dict, name: str) -> dict:
     data = task.load_data()
     kw = {} if job["bucket_cap_mb"] is None else {"bucket_cap_mb": job["bucket_cap_mb"]}
     model = task.build_model(data, cfg, job["seed"])
-    names = {id(p): n for n, p in model.named_parameters()}
     exact_state = {"local_zeros": {}, "bucket_of": {}}
     ddp = DDP(model, init_sync=False, **kw)
     ddp.register_comm_hook(exact_state, _exact_hook)
