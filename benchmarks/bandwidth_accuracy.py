@@ -1058,8 +1058,8 @@ def ratio_figures(summary: dict, cfg: SweepConfig, targets: dict) -> list[str]:
 
     tol_text = f"{close_tol * 100:g}%" if task.metric == "val_loss" else f"{close_tol * 100:g} point(s)"
     ttt = lambda c: c["ttt_mean"] if c and c["ttt_mean"] is not None else math.inf  # noqa: E731
-    lines.append(f"- **Target** ({where}): {task.metric} {task.metric_text(target)} "
-                 + (f"(fp32's final {task.metric_text(fp32['metric_mean'])} x {1 + cfg.target:g}); "
+    lines.append(f"- **Target** ({where}): {task.metric} {task.metric_text(target)}"
+                 + (f" (fp32's final {task.metric_text(fp32['metric_mean'])} x {1 + cfg.target:g}); "
                     if task.target_kind == "fp32_relative" else "; ")
                  + f"fp32 reaches it in {_f(fp32['ttt_mean'], '.1f')} s ({fp32['reached']}/{fp32['ok']} seeds).")
     ours = [c for m in cfg.methods if METHODS[m].family == "ours" and (c := get(rate, n, m))]
