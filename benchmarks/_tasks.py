@@ -15,6 +15,13 @@ measurement, byte counting, hooks, progress, reports). A task provides:
   metric value to reach) or ``"fp32_relative"`` (target = fp32's final metric, mean over seeds,
   times ``1 + cfg["target"]``), and the defaults of a full sweep and of ``--quick``.
 
+``defaults`` may also hold ``goals`` (the figures' thresholds: ``close``, the allowed gap to
+fp32's final metric, relative for a loss and in accuracy points otherwise; ``vs_fp16`` and
+``vs_powersgd``, the time-to-target ratios to reach) and ``est`` (time-estimate constants
+calibrated at the default size and N=4: compute, evaluation, start-up seconds, the hook's
+seconds per step by family, measured wire bits of model-dependent methods); see
+``bandwidth_accuracy.estimate_run_s``.
+
 ``cfg`` is the harness's ``SweepConfig`` as a dict (it crosses process boundaries as JSON);
 ``width`` is the model size knob (MLP hidden units, ResNet base channels, LM ``d_model``).
 """

@@ -21,6 +21,7 @@ error, not what TopK + EF trains with). Per-tensor figures are means over the me
 
     python benchmarks/real_grad_error.py --label before    # ~2-3 min on 2 shared cores
     python benchmarks/real_grad_error.py --label after --models lm
+    python benchmarks/real_grad_error.py --label before --render-only   # redo md/csv from the JSON
 
 Output (``--output``, default ``benchmarks/results/real_grad_error``): per label
 ``<label>.json`` (everything), ``<label>.csv`` (one row per model x codec x tensor) and
@@ -272,6 +273,13 @@ def label_markdown(res: dict) -> str:
                          f"{v['bits_per_element']:.3f} | `{v['worst_tensor']}` | {_g(v['worst_tensor_nmse'])} | "
                          f"{v['tensors_over_limit']} | {'; '.join(met)} |")
         cs = list(r["codecs"])
+        lines += ["", "Per DDP bucket: NMSE of the bucket's averaged gradient (mean over measured steps).", "",
+                  "| codec | " + " | ".join(f"bucket {b} ({v['numel']:,} el., {v['tensors']} tensors)"
+                                           for b, v in r["buckets"].items()) + " |",
+                  "|---|" + "---:|" * len(r["buckets"])]
+        for c in cs:
+            bn = r["codecs"][c]["bucket_nmse"]
+            lines.append(f"| {CODECS[c]} | " + " | ".join(_g(bn.get(b)) for b in r["buckets"]) + " |")
         lines += ["", "Per tensor: NMSE (mean over measured steps) per codec; exact-zero share of rank 0's local "
                   "gradient, of the exact average, and of the hook's average (PruneFP).", "",
                   "| tensor | numel | bucket | zeros local | zeros exact avg | zeros PruneFP avg | "
@@ -367,6 +375,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket cap (default: DDP's own)")
     p.add_argument("--output", default=DEFAULT_OUTPUT)
+    p.add_argument("--render-only", action="store_true", help="rewrite <label>.md/.csv and README.md from <label>.json")
     a = p.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     models, codecs = split(a.models), split(a.codecs)
@@ -382,6 +391,12 @@ def main(argv=None) -> int:
         errors.append("need at least one model and one codec")
     if errors:
         p.error("; ".join(errors))
+    if a.render_only:
+        with open(os.path.join(a.output, f"{a.label}.json")) as f:
+            write_label(a.output, json.load(f))
+        write_index(a.output)
+        print(f"real_grad_error: rewrote {a.output}/{a.label}.{{md,csv}} and README.md")
+        return 0
     import torch.multiprocessing as mp
 
     from gradcomp import kernels
