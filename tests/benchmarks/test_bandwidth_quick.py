@@ -166,9 +166,9 @@ def test_fp32_relative_target_and_ratio_figures():
                  _row("fp6", 4, seed, 2.005, [[5, 5.0, 3.0], [10, 10.0, 2.005]]),
                  _row("prunefp_0.85_6", 4, seed, 2.015, [[5, 1.0, 3.0], [10, 2.0, 2.015]])]  # 0.75% worse: qualifies
     targets = bw.resolve_targets(rows, cfg)
-    assert targets == {4: pytest.approx(2.02)}
+    assert targets == {(4, 0): pytest.approx(2.02), (4, 1): pytest.approx(2.02)}
     task = cfg.task_obj
-    derived = [bw._derive(r, targets[4], task) for r in rows]
+    derived = [bw._derive(r, targets[(4, r["seed"])], task) for r in rows]
     ttt = {r["method"]: r["time_to_target_s"] for r in derived}
     assert ttt == {"fp32": 20.0, "fp16_hook": 16.0, "powersgd_r4": None, "powersgd_r16": 6.0, "fp6": 10.0,
                    "prunefp_0.85_6": 2.0}
@@ -179,9 +179,13 @@ def test_fp32_relative_target_and_ratio_figures():
     # a codec that is never within 1% leaves the targets not met, and says so
     worse = [dict(r, final_metric=2.5, curve=[[10, 2.0, 2.5]]) if r["method"] in ("fp6", "prunefp_0.85_6") else r
              for r in rows]
-    worse = [bw._derive(r, targets[4], task) for r in worse]
+    worse = [bw._derive(r, targets[(4, r["seed"])], task) for r in worse]
     text = "\n".join(bw.ratio_figures(bw.summarize(worse, cfg), cfg, targets))
     assert "none; closest" in text and "not computable (no method of ours qualifies): **not met**" in text
+    # targets are per seed: a seed whose fp32 ends higher gets its own, higher target
+    rows2 = [dict(r, final_metric=r["final_metric"] + 0.5) if r["seed"] == 1 else r for r in rows]
+    t2 = bw.resolve_targets(rows2, cfg)
+    assert t2[(4, 0)] == pytest.approx(2.02) and t2[(4, 1)] == pytest.approx(2.525)
 
 
 def _run_quick(task, out):
