@@ -268,7 +268,7 @@ TASKS = {t.name: t for t in [
         # steps/eval_every sized so the sweep (9 methods x 2 rates x 2 seeds, N=4) takes about 90 minutes: est is the
         # calibration run of 2026-12-02 (12 steps per method at 200 Mbit/s, N=4, machine shared: load 5-7;
         # compute-only step 0.74 s; see benchmarks/README.md)
-        defaults=dict(width=256, global_batch=16, lr=2e-3, momentum=0.0, steps=90, eval_every=6, target=0.01,
+        defaults=dict(width=256, global_batch=16, lr=1e-3, momentum=0.0, steps=90, eval_every=6, target=0.01,
                       params=5_627_136,
                       est=dict(compute_s=0.74, eval_s=0.5, start_s=2.0, group_s=60.0,
                                codec_s={"baseline": 0.0, "torch": 0.05, "topk": 0.55, "fp": 0.0, "sparse": 0.1},
