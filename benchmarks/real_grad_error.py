@@ -344,6 +344,11 @@ def write_index(out: str) -> str:
             lines.append(f"| {CODECS[c]} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("Runs: " + "; ".join(f"`{r['label']}` {r['started']} git {r['git']}" for r in rs) + ".")
+        setups = {json.dumps([r["models"][m].get("cfg"), r["steps"], r["measure_from"], r["seed"], r["bucket_cap_mb"]],
+                             sort_keys=True) for r in rs}
+        if len(setups) > 1:
+            lines.append("**The labels above were measured with different training setups** (task config, steps, "
+                         "seed or buckets; see each label's JSON): their gradients differ, not only the codecs.")
         lines.append("")
     md = "\n".join(lines)
     with open(os.path.join(out, "README.md"), "w") as f:
