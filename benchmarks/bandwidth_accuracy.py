@@ -1,7 +1,12 @@
-"""Accuracy and time to accuracy of DDP gradient compression on a rate-capped network (issue 6).
+"""Accuracy and time to accuracy of DDP gradient compression on a rate-capped network (issues 6, 15).
 
-N gloo ranks (default 2 and 4) train the same MLP on scikit-learn's digits with the same
-seeds, data order and optimizer under every method: fp32 DDP, torch's fp16, PowerSGD and
+One harness, several tasks (``--task``, defined in ``benchmarks/_tasks.py``): ``mlp`` (the
+default: an MLP on scikit-learn's digits, SGD; issue 6), ``lm`` (a 5.6M-parameter GPT byte-level
+decoder on the Python standard library's sources, AdamW with warm-up and cosine decay, metric
+validation loss, target loss fixed from the fp32 runs; issue 15) and ``cnn`` (a pre-activation
+ResNet with BatchNorm on 4x4 digits, whose last stage has exactly-zero gradients; issue 15).
+N gloo ranks train the task's model with the same seeds, data order and optimizer under every
+method: fp32 DDP, torch's fp16, PowerSGD and
 quantization hooks, top-k with error feedback, and gradcomp's codecs. The ranks run inside a
 private network namespace (``unshare -n``) whose loopback is capped with ``tc ... tbf`` at each
 requested rate, so their TCP traffic crosses a real rate-limited link. All ranks share that one
@@ -22,13 +27,17 @@ loopback, and fills the capped rates with a clearly labelled cost-model estimate
     python benchmarks/bandwidth_accuracy.py --methods fp32,fp6 --rates 200mbit --world-sizes 2 --seeds 0
     python benchmarks/bandwidth_accuracy.py --resume           # continue an interrupted sweep
     python benchmarks/bandwidth_accuracy.py --report-only      # redo csv/md/png from runs.jsonl
+    python benchmarks/bandwidth_accuracy.py --task lm --plan   # the LM sweep (see benchmarks/README.md)
+    python benchmarks/bandwidth_accuracy.py --task cnn --quick
 
 Needs root for ``unshare -n`` (or ``--no-netns``: cost-model estimates for capped rates).
 
-Outputs (``--output``, default ``benchmarks/results/bandwidth``): ``bandwidth.csv`` (one row
-per method x rate x N x seed), ``bandwidth.md`` (tables and the issue's figures, met or not),
-``bandwidth.json`` (summary and environment), ``runs.jsonl`` (raw rows with accuracy curves),
-``accuracy_vs_bits.png`` and ``accuracy_vs_time.png``.
+Outputs (``--output``, default ``benchmarks/results/bandwidth`` for mlp, ``bandwidth_lm`` and
+``bandwidth_cnn`` for the others), named by the task's stem (``bandwidth``, ``lm``, ``cnn``):
+``<stem>.csv`` (one row per method x rate x N x seed), ``<stem>.md`` (tables and the issue's
+figures, met or not), ``<stem>.json`` (summary and environment), ``runs.jsonl`` (raw rows with
+metric curves), ``<metric>_vs_bits.png`` and ``<metric>_vs_time.png`` (metric ``accuracy`` or
+``val_loss``).
 """
 
 from __future__ import annotations
@@ -53,10 +62,12 @@ from dataclasses import asdict, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:  # run as a script from anywhere: import this checkout's gradcomp
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, HERE):  # run as a script from anywhere: import this checkout's gradcomp and tasks
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-DEFAULT_OUTPUT = os.path.join(HERE, "results", "bandwidth")
+from _tasks import TASKS, Task  # noqa: E402
+
 TBF_BURST = "256kb"
 TBF_LATENCY = "50ms"
 UNCAPPED = "uncapped"
@@ -78,6 +89,7 @@ METHODS = {m.name: m for m in [
     Method("fp16_hook", "torch", "torch fp16_compress_hook", 16),
     Method("powersgd_r1", "torch", "torch PowerSGD hook, rank 1", 0.2),
     Method("powersgd_r4", "torch", "torch PowerSGD hook, rank 4", 0.6),
+    Method("powersgd_r16", "torch", "torch PowerSGD hook, rank 16", 2.4),
     Method("quant_pertensor", "torch", "torch quantization_pertensor_hook", 8),
     Method("quant_perchannel", "torch", "torch quantization_perchannel_hook", 8),
     Method("topk_0.01_ef", "topk", "TopKCodec(0.01), error feedback", 0.5),
@@ -99,7 +111,7 @@ FSDP_METHODS = [
     Method("fsdp_prunefp_0.85_6", "fsdp", "FSDP2 + gradcomp.fsdp PruneFPCodec(0.85, 6)", 1.2),
 ]
 METHODS.update({m.name: m for m in FSDP_METHODS})
-QUICK_METHODS = ["fp32", "fp16_hook", "fp6", "prunefp_0.85_6"]
+QUICK_METHODS = list(TASKS["mlp"].quick["methods"])
 POWERSGD_START_ITER = 2  # torch requires > 1 with error feedback / warm start; steps 0-1 are fp32
 # An explicit cap also sets DDP's first bucket to it, so the 1M-parameter MLP is one bucket for
 # every method. With DDP's default 1 MiB first bucket (two buckets in flight) torch's PowerSGD
@@ -143,6 +155,7 @@ def rate_label(text: str) -> str:
 # ----------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class SweepConfig:
+    task: str
     methods: tuple
     rates: tuple
     world_sizes: tuple
@@ -160,6 +173,8 @@ class SweepConfig:
     quick: bool
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
         for m in self.methods:
             if m not in METHODS:
                 raise ValueError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
@@ -171,96 +186,26 @@ class SweepConfig:
             raise ValueError(f"--batch-size {self.global_batch} must divide by every world size")
         if self.steps <= self.skip_steps:
             raise ValueError(f"--steps must exceed the {self.skip_steps} warm-up steps")
-        if not 0 < self.target <= 1:
+        t = TASKS[self.task]
+        if t.target_kind == "absolute" and t.metric == "accuracy" and not 0 < self.target <= 1:
             raise ValueError("--target is an accuracy in (0, 1]")
+        if t.target_kind == "fp32_relative" and not 0 <= self.target < 1:
+            raise ValueError("--target is the allowed excess over fp32's final metric, a fraction in [0, 1)")
+        if t.target_kind == "fp32_relative" and "fp32" not in self.methods:
+            raise ValueError(f"task {self.task!r} takes its target from the fp32 runs: --methods must include fp32")
+        if self.steps < 1 or self.eval_every < 1 or self.global_batch < 1 or self.width < 1 or self.lr <= 0:
+            raise ValueError("--steps, --eval-every, --batch-size, --width must be >= 1 and --lr > 0")
+
+    @property
+    def task_obj(self) -> Task:
+        return TASKS[self.task]
 
 
 # ----------------------------------------------------------------------------- data, model
-def _load_data():
-    """Load digits via gradcomp.data when it exists, else scikit-learn directly (same split rule)."""
-    import torch
-
-    try:
-        from gradcomp.data import load_dataset  # helper "models"
-        b = load_dataset("digits", seed=0)
-        (xtr, ytr), (xte, yte) = b.train.tensors, b.test.tensors
-        return {"source": "gradcomp.data.load_dataset('digits', seed=0)",
-                "x_train": xtr.float(), "y_train": ytr.long(), "x_test": xte.float(), "y_test": yte.long(),
-                "input_shape": tuple(b.input_shape), "num_classes": b.num_classes}
-    except ImportError:
-        pass
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    n_test = len(y) // 5
-    te, tr = perm[:n_test], perm[n_test:]
-    return {"source": "sklearn.datasets.load_digits (local split: 20% test, seed 0)",
-            "x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
-            "input_shape": (64,), "num_classes": 10}
-
-
-def _build_model(data: dict, width: int, seed: int):
-    """Build the MLP via gradcomp.models when it exists, else a local 2-hidden-layer MLP (seeded init)."""
-    import torch
-    from torch import nn
-
-    try:
-        from gradcomp.models import build_model  # helper "models"
-        return build_model("mlp", input_shape=data["input_shape"], num_classes=data["num_classes"],
-                           width=width, seed=seed)
-    except ImportError:
-        pass
-    model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                          nn.Linear(width, data["num_classes"]))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model:
-            if isinstance(mod, nn.Linear):
-                bound = 1 / math.sqrt(mod.in_features)  # torch's default init, seeded locally
-                mod.weight.uniform_(-bound, bound, generator=gen)
-                mod.bias.uniform_(-bound, bound, generator=gen)
-    return model
-
-
-def _batches(data: dict, batch: int, rank: int, world: int, seed: int):
-    """Yield per-rank batches forever: gradcomp.data.make_loader (DistributedSampler shards, one seeded
-    permutation per epoch) when it exists, else the same scheme on the tensors directly."""
-    import torch
-
-    try:
-        from gradcomp.data import make_loader  # helper "models"
-    except ImportError:
-        make_loader = None
-    epoch = 0
-    if make_loader is not None:
-        ds = torch.utils.data.TensorDataset(data["x_train"], data["y_train"])
-        loader = make_loader(ds, batch, rank=rank, world_size=world, seed=seed)
-        while True:
-            loader.sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-    x, y = data["x_train"], data["y_train"]
-    per_rank = len(y) // world // batch * batch
-    while True:
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        mine = perm[rank::world][:per_rank]
-        for i in range(0, per_rank, batch):
-            idx = mine[i:i + batch]
-            yield x[idx], y[idx]
-        epoch += 1
-
-
-def _accuracy(model, data: dict) -> float:
-    import torch
-
-    with torch.no_grad():
-        model.eval()
-        pred = model(data["x_test"]).argmax(1)
-        model.train()
-    return float((pred == data["y_test"]).float().mean())
+# What is trained and how it is judged lives in benchmarks/_tasks.py (one object per task);
+# cfg travels to the ranks as a dict (asdict(SweepConfig)).
+def _task(cfg: dict) -> Task:
+    return TASKS[cfg["task"]]
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -324,14 +269,33 @@ def wire_model_bytes(payload_model: float, messages: float, per_message: float, 
 
 # ----------------------------------------------------------------------------- time estimate
 def estimate_run_s(method: str, rate: str, world: int, cfg: SweepConfig, params: int) -> float:
-    """Estimate the seconds of one run (cost model + calibrated compute/overhead constants)."""
+    """Estimate the seconds of one run (cost model + calibrated compute/overhead constants).
+
+    A task's ``defaults["est"]`` (calibrated at its default size and N=4, see _tasks.py) gives
+    its compute seconds per step, the hook's seconds per step per family and per evaluation, and
+    the wire bits per element of methods whose bits depend on the model (PowerSGD); without it
+    the constants are the MLP's.
+    """
     if method.startswith("quant_"):
         return 1.0  # fails at its first step
     bps = parse_rate(rate)
     link_bytes_s = (bps / 8) if bps else UNCAPPED_BYTES_PER_S
     m = METHODS[method]
-    per_rank = 2 * (world - 1) / world * m.nominal_bits / 8 * params
+    t = TASKS[cfg.task]
+    est = t.defaults.get("est")
+    bits = (est or {}).get("bits", {}).get(method, m.nominal_bits)
+    per_rank = 2 * (world - 1) / world * bits / 8 * params
     link = world * per_rank / link_bytes_s  # all ranks share the one capped loopback
+    if est:
+        size = (cfg.global_batch / t.defaults["global_batch"]) * (cfg.width / t.defaults["width"]) ** 2
+        compute = est["compute_s"] * size * (max(2, world) / 4) ** 0.5
+        codec = est["codec_s"].get(m.family if m.family != "ours" else ("fp" if m.name.startswith("fp") else "sparse"), 0.0)
+        codec *= params / t.defaults.get("params", params)
+        evals = (cfg.steps // cfg.eval_every + 1) * est["eval_s"] * (cfg.width / t.defaults["width"]) ** 2
+        # the hook's / PowerSGD's first steps are plain fp32 all-reduces
+        warm = min(cfg.steps, 2 if method.startswith("powersgd") else 0 if m.family in ("baseline", "torch") else 1)
+        link32 = world * 2 * (world - 1) / world * 4 * params / link_bytes_s
+        return est.get("start_s", 3.0) + evals + cfg.steps * (compute + codec + link) + warm * (link32 - link)
     # calibrated on this 2-core machine (1M-parameter MLP, 1 thread per rank; more ranks than
     # cores share them): compute, and the hook's encode/decode/refit per 1M elements and step
     compute = 0.009 * max(1.0, world / 2) ** 1.5 * (cfg.global_batch / world / 32) ** 0.5
@@ -345,6 +309,9 @@ def estimate_group_s(rate: str, world: int, cfg: SweepConfig) -> float:
     """Estimate the fixed seconds of one spawned group: start ranks, cap check, compute-only timing."""
     bps = parse_rate(rate)
     cap = 2.0 if bps else 0.3
+    est = TASKS[cfg.task].defaults.get("est")
+    if est:
+        return est["group_s"] + cap
     return 10.0 + 6.0 * (world - 2) + cap + cfg.compute_steps * 0.02 * world
 
 
@@ -505,11 +472,11 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
         return _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, barrier_bytes)
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     cfg = job["cfg"]
-    model = _build_model(data, cfg["width"], seed)
+    task = _task(cfg)
+    model = task.build_model(data, cfg, seed)
     params = list(model.parameters())
     # init_sync=False: every rank builds the same weights from the seed, and the initial
     # broadcast would cost seconds per run on the slowest links
@@ -532,8 +499,8 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
         import gradcomp
         state = gradcomp.register(ddp, _codec(method), seed=seed,
                                   error_feedback=method.endswith("_ef"))
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
-    batches = _batches(data, cfg["global_batch"] // world, rank, world, seed)
+    opt, sched = task.optimizer(ddp.parameters(), cfg)
+    batches = task.batches(data, cfg, rank, world, seed)
     steps, skip = cfg["steps"], cfg["skip_steps"]
     times, counters, curve, losses = [], [], [], []
     model_bytes, hook_bytes0, hook_bits = [], None, None
@@ -547,9 +514,11 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
             hook_bytes0 = state.stats()["bytes_sent"]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(ddp(x), y)
+        loss = task.loss(ddp(x), y)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         dt = time.perf_counter() - t0
         times.append(dt)
         wall += dt
@@ -558,7 +527,7 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
         if rank == 0:
             losses.append(float(loss.detach()))
             if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
-                curve.append([step + 1, wall, _accuracy(model, data)])
+                curve.append([step + 1, wall, task.evaluate(model, data)])
     dist.barrier(group)
     if counting:
         counters.append(_lo_tx_bytes())
@@ -587,7 +556,8 @@ def _timed_steps(rank, world, job, data, seed, method, group, counting, barrier_
     out = {
         "params": numel,
         "steps": steps,
-        "final_accuracy": curve[-1][2],
+        "metric": task.metric,
+        "final_metric": curve[-1][2],
         "final_loss": statistics.fmean(losses[-5:]),
         "step_p50_s": statistics.median(steady),
         "step_p90_s": q[min(len(q) - 1, math.ceil(0.9 * len(q)) - 1)],
@@ -629,7 +599,6 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
     """
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -637,7 +606,8 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
     from gradcomp.collectives import expected_bytes_sent
 
     cfg = job["cfg"]
-    model = _build_model(data, cfg["width"], seed)
+    task = _task(cfg)
+    model = task.build_model(data, cfg, seed)
     mesh = DeviceMesh.from_group(group, "cpu", mesh_dim_names=(f"dp_{group.group_name}",))
     for child in model.children():
         if any(True for _ in child.parameters()):
@@ -645,8 +615,8 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     codec = {"fsdp_fp6": lambda: _codec("fp6"), "fsdp_prunefp_0.85_6": lambda: _codec("prunefp_0.85_6")}
     state = fsdp.register(model, codec[method](), seed=seed) if method in codec else None
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
-    batches = _batches(data, cfg["global_batch"] // world, rank, world, seed)
+    opt, sched = task.optimizer(model.parameters(), cfg)
+    batches = task.batches(data, cfg, rank, world, seed)
     steps, skip = cfg["steps"], cfg["skip_steps"]
     padded = sum(-(-p.shape[0] // world) * world * (p.numel() // max(p.shape[0], 1)) for p in model.parameters())
     gather = (world - 1) / world * 4 * padded
@@ -662,9 +632,11 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
             state_bytes0 = state.stats()["bytes_sent"]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = task.loss(model(x), y)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         dt = time.perf_counter() - t0
         times.append(dt)
         wall += dt
@@ -678,10 +650,7 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:  # FSDP forward: every rank
             if counting:
                 eval_tx[step] -= _lo_tx_bytes()
-            with torch.no_grad():
-                model.eval()
-                acc = float((model(data["x_test"]).argmax(1) == data["y_test"]).float().mean())
-                model.train()
+            acc = task.evaluate(model, data)  # every rank: the forward all-gathers
             for m in model.modules():  # as before the evaluation: the next step gathers again
                 if isinstance(m, FSDPModule):
                     m.reshard()
@@ -720,7 +689,8 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
         return None
     steady = times[skip:]
     q = sorted(steady)
-    out = {"params": sum(p.numel() for p in model.parameters()), "steps": steps, "final_accuracy": curve[-1][2],
+    out = {"params": sum(p.numel() for p in model.parameters()), "steps": steps, "metric": task.metric,
+           "final_metric": curve[-1][2],
            "final_loss": statistics.fmean(losses[-5:]), "step_p50_s": statistics.median(steady),
            "step_p90_s": q[min(len(q) - 1, math.ceil(0.9 * len(q)) - 1)], "train_wall_s": wall,
            "replicas_identical": identical, "curve": curve, **extra}
@@ -733,15 +703,14 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
 
 def _compute_only(rank, world, job, data) -> float:
     """Return the median step time of fp32 training with DDP's no_sync (no gradient communication)."""
-    import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     cfg = job["cfg"]
-    ddp = DDP(_build_model(data, cfg["width"], 0), bucket_cap_mb=BUCKET_CAP_MB, init_sync=False)
-    opt = torch.optim.SGD(ddp.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
-    batches = _batches(data, cfg["global_batch"] // world, rank, world, 0)
+    task = _task(cfg)
+    ddp = DDP(task.build_model(data, cfg, 0), bucket_cap_mb=BUCKET_CAP_MB, init_sync=False)
+    opt, _ = task.optimizer(ddp.parameters(), cfg)
+    batches = task.batches(data, cfg, rank, world, 0)
     times = []
     for _ in range(cfg["compute_steps"] + 2):
         x, y = next(batches)
@@ -749,7 +718,7 @@ def _compute_only(rank, world, job, data) -> float:
         t0 = time.perf_counter()
         with ddp.no_sync():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(ddp(x), y).backward()
+            task.loss(ddp(x), y).backward()
             opt.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
@@ -788,8 +757,8 @@ def _rank_body(rank: int, world: int, job: dict) -> None:
     from gradcomp import kernels
 
     kernels.warmup()
-    data = _load_data()
     cfg = job["cfg"]
+    data = _task(cfg).load_data()
     counting = job["count_bytes"] and rank == 0
     cap = _measure_cap(rank, job)
     barrier_bytes = _barrier_bytes(rank, job)
@@ -856,7 +825,10 @@ def _progress(job: dict, row: dict) -> None:
     eta = elapsed * max(0.0, prog["total_est"] - prog["done_est"]) / max(prog["done_est"], 1e-9)
     if row["status"] == "ok":
         b = row.get("bytes_per_rank_per_step", row.get("bytes_model_per_rank_per_step")) or 0
-        what = (f"acc {row['final_accuracy'] * 100:5.1f}%  step p50 {row['step_p50_s'] * 1e3:7.1f} ms  "
+        m = row.get("metric", "accuracy")
+        v = row.get("final_metric", row.get("final_accuracy"))
+        what = ((f"acc {v * 100:5.1f}%" if m == "accuracy" else f"{m} {v:6.4f}")
+                + f"  step p50 {row['step_p50_s'] * 1e3:7.1f} ms  "
                 f"{b / 1e6:6.3f} MB/rank/step")
     else:
         what = f"FAILED: {row['error'][:80]}"
@@ -914,7 +886,11 @@ def _load_rows(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:  # rows written before the harness had tasks: MLP accuracy
+        if "final_accuracy" in r and "final_metric" not in r:
+            r["final_metric"], r["metric"] = r.pop("final_accuracy"), "accuracy"
+    return rows
 
 
 def _estimate_rows(rows: list[dict], rates: list[str]) -> list[dict]:
@@ -948,7 +924,7 @@ def _estimate_rows(rows: list[dict], rates: list[str]) -> list[dict]:
 
 CSV_COLUMNS = [
     "method", "family", "label", "rate", "world_size", "seed", "mode", "status", "error",
-    "params", "steps", "final_accuracy", "target_accuracy", "time_to_target_s", "steps_to_target",
+    "params", "steps", "metric", "final_metric", "target_metric", "time_to_target_s", "steps_to_target",
     "step_p50_s", "step_p90_s", "compute_p50_s", "comm_fraction", "train_wall_s",
     "bytes_per_rank_per_step", "bytes_model_per_rank_per_step", "bytes_measured_over_model",
     "bytes_model_phase1_per_rank_per_step", "messages_per_rank_per_step",
@@ -960,11 +936,44 @@ CSV_COLUMNS = [
 ]
 
 
-def _derive(row: dict, target: float) -> dict:
+def resolve_targets(rows: list[dict], cfg: SweepConfig) -> dict:
+    """Return the target metric per (world size, seed): ``cfg.target`` for an absolute target;
+    for an fp32-relative one, the final metric of fp32 with the same N and seed (mean over rates:
+    the trajectory does not depend on the link) x ``(1 + cfg.target)``, ``None`` without that
+    fp32 row.
+
+    Per seed, because every method of a seed starts from the same weights and sees the same
+    batches: early in training the seeds' fp32 losses can differ by more than 1 % (measured at
+    90 LM steps with lr 2e-3: 2.93 and 3.07, one seed still leaving a plateau; with the default
+    lr 1e-3, 2.64 and 2.61), so one target for all seeds could test the seed, not the method.
+    """
+    task = cfg.task_obj
+    sign = -1 if task.higher_is_better else 1
+    out = {}
+    for n in cfg.world_sizes:
+        for seed in cfg.seeds:
+            if task.target_kind == "absolute":
+                out[(n, seed)] = cfg.target
+                continue
+            ref = [r["final_metric"] for r in rows if r["method"] == "fp32" and r["world_size"] == n
+                   and r["seed"] == seed and r["status"] == "ok"]
+            out[(n, seed)] = statistics.fmean(ref) * (1 + sign * cfg.target) if ref else None
+    return out
+
+
+def _target_text(targets: dict, n: int, task: Task) -> str:
+    """The targets at world size ``n``, one per seed, for the report."""
+    vals = sorted((s, v) for (m, s), v in targets.items() if m == n)
+    if len({v for _, v in vals}) == 1:
+        return "n/a" if vals[0][1] is None else task.metric_text(vals[0][1])
+    return ", ".join(f"{task.metric_text(v) if v is not None else 'n/a'} (seed {s})" for s, v in vals)
+
+
+def _derive(row: dict, target: float | None, task: Task) -> dict:
     r = dict(row)
-    r["target_accuracy"] = target
+    r["target_metric"] = target
     if r["status"] == "ok":
-        hit = next(((s, t) for s, t, a in r["curve"] if a >= target), None)
+        hit = None if target is None else next(((s, t) for s, t, a in r["curve"] if task.reached(a, target)), None)
         r["steps_to_target"], r["time_to_target_s"] = hit if hit else (None, None)
         n, numel = r["world_size"], r["params"]
         b = r.get("bytes_per_rank_per_step")
@@ -1000,8 +1009,8 @@ def summarize(rows: list[dict], cfg: SweepConfig) -> dict:
              "mode": rs[0]["mode"], "label": rs[0]["label"], "family": rs[0]["family"],
              "error": next((r["error"] for r in rs if r["error"]), "")}
         if ok:
-            acc = [r["final_accuracy"] for r in ok]
-            s["acc_mean"], s["acc_std"] = _mean_std(acc)
+            acc = [r["final_metric"] for r in ok]
+            s["metric_mean"], s["metric_std"] = _mean_std(acc)
             ttt = [r["time_to_target_s"] for r in ok if r["time_to_target_s"] is not None]
             s["reached"] = len(ttt)
             s["ttt_mean"] = statistics.fmean(ttt) if len(ttt) == len(ok) else None
@@ -1025,8 +1034,8 @@ def _mean_curve(curves: list) -> list:
             for i in range(n)]
 
 
-def figures(summary: dict, cfg: SweepConfig) -> list[str]:
-    """Compute the issue's figures of merit (never asserted) as lines of Markdown."""
+def mlp_figures(summary: dict, cfg: SweepConfig) -> list[str]:
+    """Compute issue 6's figures of merit for the MLP task (never asserted) as lines of Markdown."""
     lines = []
 
     def get(rate, n, m):
@@ -1043,16 +1052,16 @@ def figures(summary: dict, cfg: SweepConfig) -> list[str]:
         cands = [c for c in cands if c and c["wire_bits_per_element"] is not None and c["wire_bits_per_element"] <= 2.5]
         if cands:
             # best: of those within 0.5 point of fp32, the soonest to target; else the most accurate
-            close = [c for c in cands if (fp32["acc_mean"] - c["acc_mean"]) * 100 <= 0.5]
+            close = [c for c in cands if (fp32["metric_mean"] - c["metric_mean"]) * 100 <= 0.5]
             best = (min(close, key=lambda c: c["ttt_mean"] if c["ttt_mean"] is not None else math.inf)
-                    if close else max(cands, key=lambda c: c["acc_mean"]))
-            gap = (fp32["acc_mean"] - best["acc_mean"]) * 100
+                    if close else max(cands, key=lambda c: c["metric_mean"]))
+            gap = (fp32["metric_mean"] - best["metric_mean"]) * 100
             lines.append(f"- **Accuracy at <= 2.5 bits/element** (200 Mbit/s, N={n_hi}): best of ours (of those at "
                          "<= 2.5 wire bits/element and within 0.5 point of fp32, the soonest to target; else the "
                          "most accurate) is "
                          f"{best['label']} at {best['wire_bits_per_element']:.2f} wire bits/element, "
-                         f"{best['acc_mean'] * 100:.2f} +- {best['acc_std'] * 100:.2f}% vs fp32 "
-                         f"{fp32['acc_mean'] * 100:.2f} +- {fp32['acc_std'] * 100:.2f}% (gap {gap:.2f} points): "
+                         f"{best['metric_mean'] * 100:.2f} +- {best['metric_std'] * 100:.2f}% vs fp32 "
+                         f"{fp32['metric_mean'] * 100:.2f} +- {fp32['metric_std'] * 100:.2f}% (gap {gap:.2f} points): "
                          f"**{'met' if gap <= 0.5 else 'not met'}** (within 0.5 point).")
             fp16 = get(rate_200, n_hi, "fp16_hook")
             if fp16 and fp16["ttt_mean"] and best["ttt_mean"]:
@@ -1072,11 +1081,11 @@ def figures(summary: dict, cfg: SweepConfig) -> list[str]:
                         lines.append(f"- vs {ps['label']}: time to {cfg.target * 100:.0f}% {ps['ttt_mean']:.1f} s vs "
                                      f"{best['label']} {best['ttt_mean']:.1f} s (ours "
                                      + (f"{ratio:.2f}x sooner" if ratio >= 1 else f"{1 / ratio:.2f}x later") + "); "
-                                     f"final accuracy {ps['acc_mean'] * 100:.2f}% at "
+                                     f"final accuracy {ps['metric_mean'] * 100:.2f}% at "
                                      f"{ps['wire_bits_per_element']:.2f} wire bits/element.")
                     else:
                         lines.append(f"- vs {ps['label']}: reached {cfg.target * 100:.0f}% in {ps['reached']}/"
-                                     f"{ps['ok']} seeds; final accuracy {ps['acc_mean'] * 100:.2f}%.")
+                                     f"{ps['ok']} seeds; final accuracy {ps['metric_mean'] * 100:.2f}%.")
         else:
             lines.append(f"- Accuracy at <= 2.5 bits/element (200 Mbit/s, N={n_hi}): none of our methods ran at "
                          "<= 2.5 wire bits/element: **not evaluated**.")
@@ -1149,6 +1158,100 @@ def figures(summary: dict, cfg: SweepConfig) -> list[str]:
     return lines
 
 
+def figures(summary: dict, cfg: SweepConfig, targets: dict) -> list[str]:
+    """Compute the task's figures of merit (never asserted) as lines of Markdown."""
+    if cfg.task == "mlp":
+        return mlp_figures(summary, cfg)
+    return ratio_figures(summary, cfg, targets)
+
+
+def ratio_figures(summary: dict, cfg: SweepConfig, targets: dict) -> list[str]:
+    """Time-to-target ratios at 200 Mbit/s and the largest N (issue 15's LM targets; the CNN's, unset).
+
+    Best of ours: of gradcomp's methods whose final metric is close to fp32's (``goals["close"]``:
+    relative excess for a loss, points for an accuracy), the soonest to the target; its time to
+    target against the fp16 hook's and the best PowerSGD rank's (soonest of those that reached it),
+    checked against ``goals["vs_fp16"]`` / ``goals["vs_powersgd"]`` where the task sets them. Then
+    one line per method, so where we lose is in the report too.
+    """
+    task = cfg.task_obj
+    goals = task.defaults.get("goals", {})
+    lines: list = []
+
+    def get(rate, n, m):
+        s = summary.get((rate, n, m))
+        return s if s and s.get("ok") else None
+
+    rate = next((r for r in cfg.rates if parse_rate(r) == 200e6), cfg.rates[0])
+    n = 4 if 4 in cfg.world_sizes else max(cfg.world_sizes)
+    where = f"{rate_label(rate)}, N={n}"
+    fp32 = get(rate, n, "fp32")
+    if not fp32 or any(v is None for (m, _), v in targets.items() if m == n):
+        return [f"- {where}: **not evaluated** (needs fp32 rows)."]
+    close_tol = goals.get("close", 0.01 if task.metric == "val_loss" else 0.005)
+
+    def gap(c) -> float:  # how much worse than fp32: relative for a loss, points for an accuracy
+        if task.metric == "val_loss":
+            return c["metric_mean"] / fp32["metric_mean"] - 1
+        return fp32["metric_mean"] - c["metric_mean"]
+
+    def gap_text(c) -> str:
+        return f"{gap(c) * 100:+.2f}%" if task.metric == "val_loss" else f"{-gap(c) * 100:+.2f} points"
+
+    tol_text = f"{close_tol * 100:g}%" if task.metric == "val_loss" else f"{close_tol * 100:g} point(s)"
+    ttt = lambda c: c["ttt_mean"] if c and c["ttt_mean"] is not None else math.inf  # noqa: E731
+    lines.append(f"- **Target** ({where}): {task.metric} {_target_text(targets, n, task)}"
+                 + (f" (each seed's fp32 final {task.metric} x {1 + cfg.target:g}); "
+                    if task.target_kind == "fp32_relative" else "; ")
+                 + f"fp32 reaches it in {_f(fp32['ttt_mean'], '.1f')} s ({fp32['reached']}/{fp32['ok']} seeds).")
+    ours = [c for m in cfg.methods if METHODS[m].family == "ours" and (c := get(rate, n, m))]
+    close = [c for c in ours if gap(c) <= close_tol]
+    if not close:
+        best = min(ours, key=gap) if ours else None
+        lines.append(f"- **Best of ours within {tol_text} of fp32's final {task.metric}** ({where}): none"
+                     + (f"; closest {best['label']} {task.metric_text(best['metric_mean'])} ({gap_text(best)})"
+                        if best else "") + ": **not met**.")
+        best = None
+    else:
+        best = min(close, key=lambda c: (ttt(c), gap(c)))
+        lines.append(f"- **Best of ours within {tol_text} of fp32's final {task.metric}** ({where}): {best['label']}, "
+                     f"{task.metric_text(best['metric_mean'])} +- {task.metric_text(best['metric_std'])} vs fp32 "
+                     f"{task.metric_text(fp32['metric_mean'])} ({gap_text(best)}) at "
+                     f"{_f(best['wire_bits_per_element'], '.2f')} wire bits/element; time to target "
+                     f"{_f(best['ttt_mean'], '.1f')} s ({best['reached']}/{best['ok']} seeds reached it).")
+    psgd = [c for m in cfg.methods if m.startswith("powersgd_") and (c := get(rate, n, m))]
+    for name, ref, goal in (("fp16 hook", get(rate, n, "fp16_hook"), goals.get("vs_fp16")),
+                            ("best PowerSGD rank", min(psgd, key=ttt) if psgd else None, goals.get("vs_powersgd"))):
+        want = f" (>= {goal:g}x)" if goal else " (no target set for this task)"
+        if ref is None:
+            lines.append(f"- vs {name} ({where}): not in the sweep.")
+        elif best is None or best["ttt_mean"] is None or ref["ttt_mean"] is None:
+            why = ("no method of ours qualifies" if best is None else
+                   f"{best['label']} reached the target in {best['reached']}/{best['ok']} seeds"
+                   if best["ttt_mean"] is None else f"{ref['label']} reached it in {ref['reached']}/{ref['ok']} seeds")
+            lines.append(f"- **Time to target vs {name}** ({where}): not computable ({why})"
+                         + (": **not met**." if goal else "."))
+        else:
+            ratio = ref["ttt_mean"] / best["ttt_mean"]
+            verdict = f": **{'met' if ratio >= goal else 'not met'}**{want}." if goal else f"{want}."
+            lines.append(f"- **Time to target vs {name}** ({where}): {best['label']} {best['ttt_mean']:.1f} s vs "
+                         f"{ref['label']} {ref['ttt_mean']:.1f} s, "
+                         + (f"{ratio:.2f}x sooner" if ratio >= 1 else f"{1 / ratio:.2f}x LATER") + verdict)
+    lines.append(f"- Every method ({where}): final {task.metric}, gap to fp32, wire bits/element, time to target "
+                 "(s; seeds that reached it), step p50:")
+    for m in cfg.methods:
+        c = get(rate, n, m)
+        if c is None:
+            s0 = summary.get((rate, n, m))
+            lines.append(f"  - {METHODS[m].label}: " + (f"FAILED ({s0['error'][:100]})" if s0 else "not run"))
+            continue
+        lines.append(f"  - {c['label']}: {task.metric_text(c['metric_mean'])} ({gap_text(c)}), "
+                     f"{_f(c['wire_bits_per_element'], '.2f')} bits, "
+                     f"{_f(c['ttt_mean'], '.1f') if c['ttt_mean'] is not None else 'n/a'} "
+                     f"({c['reached']}/{c['ok']}), {_f(c['step_p50_s'], '.0f', 1e3)} ms/step")
+    return lines
+
+
 def _f(v, fmt: str, scale: float = 1.0, none: str = "-") -> str:
     return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v * scale, fmt)
 
@@ -1156,12 +1259,15 @@ def _f(v, fmt: str, scale: float = 1.0, none: str = "-") -> str:
 def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
     from gradcomp.env import write_report
 
-    rows = [_derive(r, cfg.target) for r in rows]
+    task = cfg.task_obj
+    stem = task.defaults["stem"]
+    targets = resolve_targets(rows, cfg)
+    rows = [_derive(r, targets.get((r["world_size"], r["seed"])), task) for r in rows]
     order = {m: i for i, m in enumerate(METHODS)}
     rorder = {r: i for i, r in enumerate(cfg.rates)}
     rows.sort(key=lambda r: (rorder.get(r["rate"], 99), r["world_size"], order[r["method"]], r["seed"]))
     os.makedirs(cfg.output, exist_ok=True)
-    with open(os.path.join(cfg.output, "bandwidth.csv"), "w", newline="") as f:
+    with open(os.path.join(cfg.output, f"{stem}.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -1169,7 +1275,8 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
     summary = summarize(rows, cfg)
     env = meta["environment"]
     lines = [
-        "# Accuracy vs bandwidth: DDP gradient compression on a rate-capped loopback", "",
+        f"# {'Accuracy' if task.metric == 'accuracy' else 'Validation loss'} vs bandwidth: DDP gradient "
+        f"compression on a rate-capped loopback ({task.title})", "",
         f"CPU: {env['cpu']}, {env['cores']} cores; 1 torch thread per rank; torch {env['torch']}, "
         f"ray {env.get('ray', '-')}, gradcomp {env['gradcomp']}, Python {env['python']}; {env['platform']}.",
         f"Rates: {', '.join(rate_label(r) for r in cfg.rates)}; ranks N: {', '.join(map(str, cfg.world_sizes))}; "
@@ -1179,8 +1286,13 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
         f"Network: {meta['network']}", "",
         f"Workload: {meta['model']} ({meta['params']:,} parameters) on {meta['data']}; global batch "
         f"{cfg.global_batch} ({cfg.global_batch // max(cfg.world_sizes)}-{cfg.global_batch // min(cfg.world_sizes)} "
-        f"per rank), SGD lr {cfg.lr} momentum {cfg.momentum}, {cfg.steps} steps, test accuracy every "
-        f"{cfg.eval_every} steps (not timed). Target accuracy {cfg.target * 100:.0f}%. Step times exclude the "
+        f"per rank) {task.recipe(asdict(cfg))}, {cfg.steps} steps; metric: {task.eval_text()}, every "
+        f"{cfg.eval_every} steps (not timed). "
+        + (f"Target {task.metric} {task.metric_text(cfg.target)}. " if task.target_kind == "absolute" else
+           f"Target {task.metric}: the final {task.metric} of fp32 with the same seed x {1 + cfg.target:g} "
+           "(per seed: every method of a seed starts from the same weights and sees the same batches) = "
+           + "; ".join(f"{_target_text(targets, n, task)} at N={n}" for n in cfg.world_sizes) + ". ")
+        + f"Step times exclude the "
         f"first {cfg.skip_steps} steps (DDP bucket rebuild; gradcomp's fp32 warm-up step; PowerSGD's "
         f"start_powerSGD_iter={POWERSGD_START_ITER} plain all-reduces). Hooks: gradcomp codecs with their "
         "defaults (warmup_steps=1, refit_every=10, no error feedback: stochastic, unbiased), TopK with "
@@ -1193,8 +1305,9 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
         "of the all-reduced tensors for fp32 / torch hooks; *wire model* (gradcomp only) = *model* x (1 + "
         "per-byte framing) + the hook's messages per step x bytes per message, the framing measured by the "
         "link check; *comm* = 1 - compute-only step / step "
-        "(compute-only: fp32 with DDP no_sync, same batch). Accuracy: mean +- std over seeds; time to "
-        "target: mean training wall time (timed steps only) to the first evaluation at or above target.", "",
+        f"(compute-only: fp32 with DDP no_sync, same batch). {task.metric}: mean +- std over seeds; time to "
+        f"target: mean training wall time (timed steps only) to the first evaluation at or "
+        f"{'above' if task.higher_is_better else 'below'} target.", "",
     ]
     if any(r["mode"] != "measured" for r in rows):
         lines += ["**Some rows are ESTIMATES from the cost model, not measurements** (column *mode*): "
@@ -1204,9 +1317,9 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
     lines += [f"Replicas bit-identical after every run (exact checksum of the weights across ranks): "
               f"{'yes' if not drift else 'NO, in ' + ', '.join(sorted({r['method'] for r in drift}))} "
               f"({len(ok_rows)} runs). With the same global batch split over N ranks, N=2 and N=4 "
-              "train on identical global batches (DistributedSampler strides), so their accuracies are "
-              "comparable; a method's accuracy does not depend on the link either (same bytes, same "
-              "seeds): rows that differ only in rate differ only in time.", "",
+              "train on identical global batches (DistributedSampler strides / the rows of one seeded "
+              "global batch), so their metrics are comparable; a method's metric does not depend on the "
+              "link either (same bytes, same seeds): rows that differ only in rate differ only in time.", "",
               "DDP runs with bucket_cap_mb=25 (one bucket for this model) for every method: with DDP's "
               "default 1 MiB first bucket, torch's PowerSGD hook deadlocks on gloo (its callbacks block "
               "both gloo worker threads in nested `all_reduce(...).wait()`).", ""]
@@ -1225,7 +1338,8 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
                 lines.append(f"| {rate_label(rate)} | {n} | {_f(r.get('cap_payload_mbit'), '.1f')} | "
                              f"{_f(r.get('cap_wire_mbit'), '.1f')} | {_f(r.get('framing_bytes_per_message'), '.0f')} | "
                              f"{_f(r.get('framing_per_payload_byte'), '.3%')} | {_f(r.get('compute_p50_s'), '.1f', 1e3)} |")
-    lines += ["", "## Figures", ""] + figures(summary, cfg)
+    lines += ["", "## Figures", ""] + figures(summary, cfg, targets)
+    metric_head = "accuracy %" if task.metric == "accuracy" else task.metric
     for rate in cfg.rates:
         for n in cfg.world_sizes:
             ss = [summary[(rate, n, m)] for m in METHODS if (rate, n, m) in summary]
@@ -1233,7 +1347,7 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
                 continue
             lines += ["", f"## {rate_label(rate)}, N={n}" + ("" if ss[0]["mode"] == "measured" else f" ({ss[0]['mode']})"), "",
                       "| method | wire bits/elem | bytes/rank/step | model | meas/model | wire model | meas/wire "
-                      "| step p50 ms | p90 ms | comm | accuracy % | time to target s |",
+                      f"| step p50 ms | p90 ms | comm | {metric_head} | time to target s |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for s in ss:
                 if not s["ok"]:
@@ -1246,22 +1360,30 @@ def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
                     f"{_f(s['bytes_measured_over_model'], '.3f')} | {_f(s['bytes_wire_model_per_rank_per_step'], ',.0f')} | "
                     f"{_f(s['bytes_measured_over_wire_model'], '.3f')} | {_f(s['step_p50_s'], '.1f', 1e3)} | "
                     f"{_f(s['step_p90_s'], '.1f', 1e3)} | {_f(s['comm_fraction'], '.0%')} | "
-                    f"{s['acc_mean'] * 100:.2f} +- {s['acc_std'] * 100:.2f} | {ttt} |")
+                    + (f"{s['metric_mean'] * 100:.2f} +- {s['metric_std'] * 100:.2f}" if task.metric == "accuracy"
+                       else f"{s['metric_mean']:.4f} +- {s['metric_std']:.4f}") + f" | {ttt} |")
     md = "\n".join(lines)
     summ = [{k: v for k, v in s.items()} for s in summary.values()]
-    write_report(cfg.output, "bandwidth", {"config": asdict(cfg), **meta, "summary": summ}, md)
-    _plots(summary, cfg)
+    write_report(cfg.output, stem, {"config": asdict(cfg), **meta, "targets": {f"N={n} seed={s}": v for (n, s), v in targets.items()},
+                                    "summary": summ}, md)
+    _plots(summary, cfg, targets)
     return {"rows": rows, "summary": summary, "markdown": md}
 
 
-def _plots(summary: dict, cfg: SweepConfig) -> None:
+def _plots(summary: dict, cfg: SweepConfig, targets: dict) -> None:
+    """Write ``<metric>_vs_bits.png`` (final metric against measured wire bits) and
+    ``<metric>_vs_time.png`` (metric against training wall time, one panel per rate and N)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colors = {"baseline": "black", "torch": "tab:blue", "topk": "tab:purple", "ours": "tab:red", "fsdp": "tab:green"}
+    task = cfg.task_obj
+    scale = 100 if task.metric == "accuracy" else 1
+    ylabel = "test accuracy %" if task.metric == "accuracy" else "validation loss (nats/byte)"
+    colors = {"baseline": "black", "torch": "tab:blue", "topk": "tab:purple", "ours": "tab:red",
+              "fsdp": "tab:green"}
     ns = list(cfg.world_sizes)
     # accuracy vs bits: accuracy does not depend on the link; use the first rate with data
     fig, axes = plt.subplots(1, len(ns), figsize=(max(9, 6 * len(ns)), 4.8), squeeze=False)
@@ -1270,19 +1392,19 @@ def _plots(summary: dict, cfg: SweepConfig) -> None:
             s = next((summary[(r, n, m)] for r in cfg.rates if (r, n, m) in summary and summary[(r, n, m)]["ok"]), None)
             if not s or s["wire_bits_per_element"] is None:
                 continue
-            ax.errorbar(s["wire_bits_per_element"], s["acc_mean"] * 100, yerr=s["acc_std"] * 100, fmt="o",
+            ax.errorbar(s["wire_bits_per_element"], s["metric_mean"] * scale, yerr=s["metric_std"] * scale, fmt="o",
                         color=colors[s["family"]], capsize=3)
-            ax.annotate(m, (s["wire_bits_per_element"], s["acc_mean"] * 100), fontsize=7,
+            ax.annotate(m, (s["wire_bits_per_element"], s["metric_mean"] * scale), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("wire bits per element (measured)")
-        ax.set_ylabel("final test accuracy % (mean +- std over seeds)")
+        ax.set_ylabel(f"final {ylabel} (mean +- std over seeds)")
         ax.set_title(f"N={n}")
         ax.grid(alpha=0.3)
-    fig.suptitle("Accuracy vs wire bits per element\n(black fp32, blue torch hooks, purple top-k, red gradcomp)",
+    fig.suptitle(f"{task.title}: final {task.metric} vs wire bits per element\n(black fp32, blue torch hooks, purple top-k, red gradcomp)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.output, "accuracy_vs_bits.png"), dpi=110, bbox_inches="tight")
+    fig.savefig(os.path.join(cfg.output, f"{task.metric}_vs_bits.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
     rates = list(cfg.rates)
     fig, axes = plt.subplots(len(ns), len(rates), figsize=(max(9, 4.5 * len(rates)), 3.8 * len(ns)), squeeze=False)
@@ -1295,22 +1417,23 @@ def _plots(summary: dict, cfg: SweepConfig) -> None:
                 if not s or not s["ok"]:
                     continue
                 t = [c[1] for c in s["curve"]]
-                a = [c[2] * 100 for c in s["curve"]]
+                a = [c[2] * scale for c in s["curve"]]
                 ax.plot(t, a, label=m, color=cmap(k % 20), lw=2.2 if s["family"] == "ours" else 1.2,
                         ls="-" if s["family"] == "ours" else "--")
-            ax.axhline(cfg.target * 100, color="grey", lw=0.8, ls=":")
+            for v in {v for (m, _), v in targets.items() if m == n and v is not None}:  # one per seed
+                ax.axhline(v * scale, color="grey", lw=0.8, ls=":")
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.set_title(f"{rate_label(rate)}, N={n}" + ("" if summary.get((rate, n, "fp32"), {}).get("mode", "measured") == "measured" else " (estimate)"))
             ax.set_xlabel("training wall time s")
-            ax.set_ylabel("test accuracy %")
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.tight_layout()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, max(1, len(labels))),
                fontsize=8)
-    fig.savefig(os.path.join(cfg.output, "accuracy_vs_time.png"), dpi=110, bbox_inches="tight")
+    fig.savefig(os.path.join(cfg.output, f"{task.metric}_vs_time.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -1329,47 +1452,52 @@ def _environment() -> dict:
 
 
 def _params_of(cfg: SweepConfig, data: dict) -> tuple[int, str]:
-    model = _build_model(data, cfg.width, 0)
-    import importlib.util
-
-    if importlib.util.find_spec("gradcomp.models") is not None:
-        name = f"gradcomp.models.build_model('mlp', width={cfg.width})"
-    else:
-        name = f"MLP 64-{cfg.width}-{cfg.width}-10 (local; gradcomp.models not available)"
-    return sum(p.numel() for p in model.parameters()), name
+    task = cfg.task_obj
+    model = task.build_model(data, asdict(cfg), 0)
+    return sum(p.numel() for p in model.parameters()), task.model_name(asdict(cfg))
 
 
 def build_config(a) -> SweepConfig:
-    q = a.quick
+    """The sweep: the task's defaults (``--quick``: its quick settings over them), then the flags."""
+    task = TASKS[a.task]
+    d = {"compute_steps": 10, "eval_every": 3, **task.defaults, **(task.quick if a.quick else {})}
     split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
+    pick = lambda flag, key: d[key] if flag is None else flag  # noqa: E731
     return SweepConfig(
-        methods=split(a.methods) if a.methods else tuple(QUICK_METHODS if q else METHODS),
-        rates=split(a.rates) if a.rates else (("200mbit", UNCAPPED) if q else ("50mbit", "200mbit", "1gbit", UNCAPPED)),
-        world_sizes=tuple(int(x) for x in split(a.world_sizes)) if a.world_sizes else ((2,) if q else (2, 4)),
-        seeds=tuple(int(x) for x in split(a.seeds)) if a.seeds else ((0, 1) if q else (0, 1, 2)),
-        steps=a.steps or (12 if q else 36),
-        global_batch=a.batch_size, lr=a.lr, momentum=a.momentum, width=a.width,
-        eval_every=a.eval_every or 3, target=a.target or (0.85 if q else 0.95), skip_steps=3,
-        compute_steps=5 if q else 10, output=os.path.abspath(a.output), quick=q)
+        task=a.task,
+        methods=split(a.methods) if a.methods else tuple(d["methods"]),
+        rates=split(a.rates) if a.rates else tuple(d["rates"]),
+        world_sizes=tuple(int(x) for x in split(a.world_sizes)) if a.world_sizes else tuple(d["world_sizes"]),
+        seeds=tuple(int(x) for x in split(a.seeds)) if a.seeds else tuple(d["seeds"]),
+        steps=pick(a.steps, "steps"), global_batch=pick(a.batch_size, "global_batch"), lr=pick(a.lr, "lr"),
+        momentum=pick(a.momentum, "momentum"), width=pick(a.width, "width"), eval_every=pick(a.eval_every, "eval_every"),
+        target=pick(a.target, "target"), skip_steps=3, compute_steps=d["compute_steps"],
+        output=os.path.abspath(a.output or os.path.join(HERE, "results", task.defaults["output"])), quick=a.quick)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--quick", action="store_true", help="smoke run for CI: 200mbit + uncapped, N=2, 4 methods, 2 seeds")
+    p.add_argument("--task", default="mlp", choices=list(TASKS),
+                   help="what to train (benchmarks/_tasks.py): mlp (default), lm, cnn; sets every default below")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run for CI (mlp: 200mbit + uncapped, N=2, 4 methods, 2 seeds; lm, cnn: seconds)")
     p.add_argument("--methods", help=f"comma list of: {', '.join(METHODS)}")
     p.add_argument("--rates", help="comma list of tc rates (50mbit, 1gbit) and/or 'uncapped'")
-    p.add_argument("--world-sizes", help="comma list, default 2,4")
-    p.add_argument("--seeds", help="comma list, default 0,1,2")
-    p.add_argument("--steps", type=int, help="training steps per run (default 36: the full sweep in about an hour; quick 12)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch (split over ranks)")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--width", type=int, default=1000, help="MLP width (1000: about 1.07M parameters)")
+    p.add_argument("--world-sizes", help="comma list (mlp: 2,4; lm, cnn: 4)")
+    p.add_argument("--seeds", help="comma list (mlp: 0,1,2; lm, cnn: 0,1)")
+    p.add_argument("--steps", type=int, help="training steps per run (mlp 36: the full sweep in about an hour; quick 12)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch, split over ranks (mlp 64 images, cnn 64, lm 16 sequences of 128 bytes)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (mlp 0.02, cnn 0.05, lm 1e-3 peak)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (mlp, cnn: 0.9; lm: unused)")
+    p.add_argument("--width", type=int, default=None,
+                   help="model size: MLP width (1000: 1.07M parameters), ResNet base channels (32), LM d_model (256)")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--target", type=float, default=None,
-                   help="target test accuracy for time to accuracy (default 0.95; quick 0.85)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT)
+                   help="mlp, cnn: target test accuracy (mlp 0.95, quick 0.85; cnn 0.9); lm: allowed excess of the "
+                        "target validation loss over fp32's final one (0.01: 1%%)")
+    p.add_argument("--output", default=None, help="default benchmarks/results/<bandwidth|bandwidth_lm|bandwidth_cnn>")
     p.add_argument("--resume", action="store_true", help="keep runs.jsonl and skip runs already in it")
     p.add_argument("--no-netns", action="store_true", help="do not use namespaces (cost-model estimate)")
     p.add_argument("--plan", action="store_true", help="print the sweep and its time estimate, then exit")
@@ -1382,7 +1510,7 @@ def main(argv=None) -> int:
         cfg = build_config(a)
     except ValueError as exc:
         p.error(str(exc))
-    data = _load_data()
+    data = cfg.task_obj.load_data()
     params, model_name = _params_of(cfg, data)
     runs, est = plan(cfg, params)
     print(f"bandwidth_accuracy: {len(cfg.methods)} methods x {len(cfg.rates)} rates x "
@@ -1452,7 +1580,7 @@ def main(argv=None) -> int:
     seconds = time.time() - t_start
     if a.report_only:  # keep when and how long the measurement itself ran
         try:
-            with open(os.path.join(cfg.output, "bandwidth.json")) as f:
+            with open(os.path.join(cfg.output, f"{cfg.task_obj.defaults['stem']}.json")) as f:
                 old = json.load(f)
             started, seconds, kept = old["started"], old["seconds"], old.get("kept_runs", 0)
         except (OSError, KeyError, ValueError):
@@ -1462,8 +1590,9 @@ def main(argv=None) -> int:
             "estimated_seconds": est, "rate_cap": bool(netns and tc)}
     out = write_outputs(rows, cfg, meta)
     print("\n".join(l for l in out["markdown"].splitlines() if l.startswith("- ")))
-    print(f"bandwidth_accuracy: wrote {cfg.output}/bandwidth.{{csv,md,json}}, accuracy_vs_bits.png, "
-          f"accuracy_vs_time.png ({len(rows)} rows) in {_fmt_s(time.time() - t_start)}", flush=True)
+    stem, metric = cfg.task_obj.defaults["stem"], cfg.task_obj.metric
+    print(f"bandwidth_accuracy: wrote {cfg.output}/{stem}.{{csv,md,json}}, {metric}_vs_bits.png, "
+          f"{metric}_vs_time.png ({len(rows)} rows) in {_fmt_s(time.time() - t_start)}", flush=True)
     if failures:
         print(f"bandwidth_accuracy: rates that failed: {', '.join(failures)}", file=sys.stderr)
     return 1 if failures else 0
