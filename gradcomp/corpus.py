@@ -108,7 +108,7 @@ def load_python_corpus(val_fraction: float = 0.1, root: str | None = None) -> Te
     root = root or sysconfig.get_paths()["stdlib"]
     files = stdlib_files(root)
     digest = hashlib.sha256()
-    parts = {False: [], True: []}
+    parts: dict[bool, list[bytes]] = {False: [], True: []}
     for rel in files:
         with open(os.path.join(root, rel), "rb") as f:
             data = f.read()
