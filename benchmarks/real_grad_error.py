@@ -55,6 +55,8 @@ CODECS = {
     "fp6": "FPCodec(6)",
     "fp8": "FPCodec(8)",
     "prunefp_0.85_6": "PruneFPCodec(0.85, 6)",
+    "prunefp_0.85_6_nz": "PruneFPCodec(0.85, 6, count_zeros=False)",
+    "prunefp_0.85_6_tensor": "PruneFPCodec(0.85, 6, threshold='tensor')",
     "prune_0.85": "PruneCodec(0.85)",
     "budget_1.5": "BudgetCodec(1.5)",
     "topk_0.01": "TopKCodec(0.01)",
@@ -69,7 +71,10 @@ def _codec(name: str):
     from gradcomp import codecs as C
 
     return {"fp6": lambda: C.FPCodec(6), "fp8": lambda: C.FPCodec(8),
-            "prunefp_0.85_6": lambda: C.PruneFPCodec(0.85, 6), "prune_0.85": lambda: C.PruneCodec(0.85),
+            "prunefp_0.85_6": lambda: C.PruneFPCodec(0.85, 6),
+            "prunefp_0.85_6_nz": lambda: C.PruneFPCodec(0.85, 6, count_zeros=False),
+            "prunefp_0.85_6_tensor": lambda: C.PruneFPCodec(0.85, 6, threshold="tensor"),
+            "prune_0.85": lambda: C.PruneCodec(0.85),
             "budget_1.5": lambda: C.BudgetCodec(1.5), "topk_0.01": lambda: C.TopKCodec(0.01)}[name]()
 
 
@@ -103,6 +108,34 @@ def _rank(rank: int, job: dict) -> None:
         dist.destroy_process_group()
 
 
+FLOOR_DENSITY = 0.15  # PruneFP(0.85)'s requested density
+
+
+def floor_variance(x, density: float) -> float:
+    """Least variance of any unbiased sparsifier of ``x`` that keeps ``density * numel`` entries
+    in expectation, each independently: entry ``i`` kept with probability ``p_i = min(1, |x_i| /
+    lam)`` (``lam`` set by the density) and sent as ``x_i / p_i``; the variance is
+    ``sum x_i^2 (1 / p_i - 1)`` (Wangni et al. 2018: these ``p_i`` minimise it for the expected
+    count). Stochastic pruning at threshold ``alpha = lam`` is exactly this sparsifier; a codec
+    that also rounds the kept values can only add to it. ``0`` when the nonzeros fit the budget."""
+    import torch
+
+    a = x.detach().reshape(-1).double().abs()
+    target = density * a.numel()
+    if int((a > 0).sum()) <= target:
+        return 0.0
+    lo, hi = 0.0, float(a.max()) * a.numel()
+    for _ in range(80):  # bisection on lam: sum(min(1, a / lam)) is decreasing in lam
+        lam = 0.5 * (lo + hi)
+        if float(torch.clamp(a / lam, max=1.0).sum()) > target:
+            lo = lam
+        else:
+            hi = lam
+    p = torch.clamp(a / hi, max=1.0)
+    kept = p > 0
+    return float((a[kept] ** 2 * (1.0 / p[kept] - 1.0)).sum())
+
+
 def _exact_hook(state: dict, bucket):
     """fp32 all-reduce mean (DDP's own arithmetic), recording local exact zeros and buckets."""
     import torch.distributed as dist
@@ -110,6 +143,7 @@ def _exact_hook(state: dict, bucket):
     for p, g in zip(bucket.parameters(), bucket.gradients()):
         state["local_zeros"][id(p)] = int((g == 0).sum())
         state["bucket_of"][id(p)] = bucket.index()
+        state["local"][id(p)] = g.detach().clone()
     buf = bucket.buffer()
     buf.div_(dist.get_world_size())
     return dist.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
@@ -128,7 +162,7 @@ def _measure_model(rank: int, job: dict, name: str) -> dict:
     data = task.load_data()
     kw = {} if job["bucket_cap_mb"] is None else {"bucket_cap_mb": job["bucket_cap_mb"]}
     model = task.build_model(data, cfg, job["seed"])
-    exact_state = {"local_zeros": {}, "bucket_of": {}}
+    exact_state = {"local_zeros": {}, "bucket_of": {}, "local": {}}
     ddp = DDP(model, init_sync=False, **kw)
     ddp.register_comm_hook(exact_state, _exact_hook)
     opt, sched = task.optimizer(ddp.parameters(), cfg)
@@ -143,6 +177,7 @@ def _measure_model(rank: int, job: dict, name: str) -> dict:
     acc = {c: {"sq_err": {}, "sq_ref": {}, "nmse_steps": {}, "hook_zeros": {}, "whole": [], "bits": [],
                "buckets": []} for c in job["codecs"]}
     ref_zeros, local_zeros, losses = {}, {}, []
+    floor = {"tensor": {}, "ref": {}, "global": [], "whole_tensor": []}
     for step in range(job["steps"]):
         x, y = next(batches)
         opt.zero_grad(set_to_none=True)
@@ -155,6 +190,21 @@ def _measure_model(rank: int, job: dict, name: str) -> dict:
             for n, p in params:
                 ref_zeros.setdefault(n, []).append(float((exact[n] == 0).float().mean()))
                 local_zeros.setdefault(n, []).append(exact_state["local_zeros"][id(p)] / p.numel())
+            # The floor of unbiased sparsification at PruneFP(0.85)'s density, for the average of
+            # the ranks' independently sparsified gradients: per tensor, and with one threshold
+            # over the whole model (the allocation that minimises the whole-model error).
+            local = [exact_state["local"][id(p)] for _, p in params]
+            var = torch.tensor([floor_variance(g, FLOOR_DENSITY) for g in local]
+                               + [floor_variance(torch.cat([g.reshape(-1) for g in local]), FLOOR_DENSITY)],
+                               dtype=torch.float64)
+            dist.all_reduce(var)
+            var /= WORLD ** 2
+            refs = [float((exact[n].double() ** 2).sum()) for n, _ in params]
+            for (n, _), v, r in zip(params, var[:-1].tolist(), refs):
+                floor["tensor"][n] = floor["tensor"].get(n, 0.0) + v
+                floor["ref"][n] = floor["ref"].get(n, 0.0) + r
+            floor["global"].append(float(var[-1]) / sum(refs))
+            floor["whole_tensor"].append(float(var[:-1].sum()) / sum(refs))
         for c, (m, r, st) in replicas.items():
             with torch.no_grad():
                 for (n, p), q in zip(params, m.parameters()):
@@ -234,6 +284,11 @@ def _measure_model(rank: int, job: dict, name: str) -> dict:
             "buckets": {str(b): {"tensors": len(v), "numel": sum(dict(params)[n].numel() for n in v)}
                         for b, v in sorted(buckets.items())},
             "train_losses": losses, "codecs": codecs, "seconds": time.perf_counter() - t_start,
+            "floor": {"density": FLOOR_DENSITY,
+                      "whole_per_tensor": sum(floor["whole_tensor"]) / len(floor["whole_tensor"]),
+                      "whole_global": sum(floor["global"]) / len(floor["global"]),
+                      "tensors": {n: (floor["tensor"][n] / floor["ref"][n] if floor["ref"][n] else 0.0)
+                                  for n in floor["tensor"]}},
             "cfg": cfg}
 
 
@@ -273,6 +328,14 @@ def label_markdown(res: dict) -> str:
                          f"{v['bits_per_element']:.3f} | `{v['worst_tensor']}` | {_g(v['worst_tensor_nmse'])} | "
                          f"{v['tensors_over_limit']} | {'; '.join(met)} |")
         cs = list(r["codecs"])
+        fl = r.get("floor")
+        if fl:
+            lines += ["", f"Floor of unbiased sparsification at density {fl['density']} (PruneFP(0.85)'s), for the "
+                      "average of the ranks' independently sparsified gradients, computed from this run's local "
+                      "gradients (`floor_variance`): whole-model NMSE "
+                      f"{_g(fl['whole_per_tensor'])} with a threshold per tensor, {_g(fl['whole_global'])} with one "
+                      "threshold over the whole model (the least any unbiased sparsifier at this density reaches; "
+                      "rounding the kept values only adds). Per tensor in the last column below."]
         lines += ["", "Per DDP bucket: NMSE of the bucket's averaged gradient (mean over measured steps).", "",
                   "| codec | " + " | ".join(f"bucket {b} ({v['numel']:,} el., {v['tensors']} tensors)"
                                            for b, v in r["buckets"].items()) + " |",
@@ -283,14 +346,15 @@ def label_markdown(res: dict) -> str:
         lines += ["", "Per tensor: NMSE (mean over measured steps) per codec; exact-zero share of rank 0's local "
                   "gradient, of the exact average, and of the hook's average (PruneFP).", "",
                   "| tensor | numel | bucket | zeros local | zeros exact avg | zeros PruneFP avg | "
-                  + " | ".join(CODECS[c] for c in cs) + " |",
-                  "|---|---:|---:|---:|---:|---:|" + "---:|" * len(cs)]
+                  + " | ".join(CODECS[c] for c in cs) + (" | unbiased floor at 0.15 |" if fl else " |"),
+                  "|---|---:|---:|---:|---:|---:|" + "---:|" * (len(cs) + (1 if fl else 0))]
         for t in r["tensors"]:
             pf = r["codecs"].get("prunefp_0.85_6", {}).get("tensors", {}).get(t["name"], {})
             lines.append(f"| `{t['name']}` | {t['numel']:,} | {t['bucket']} | {t['zero_share_local']:.1%} | "
                          f"{t['zero_share_exact_avg']:.1%} | "
                          + (f"{pf['zero_share_hook_avg']:.1%}" if pf else "-") + " | "
-                         + " | ".join(_g(r["codecs"][c]["tensors"][t["name"]]["nmse"]) for c in cs) + " |")
+                         + " | ".join(_g(r["codecs"][c]["tensors"][t["name"]]["nmse"]) for c in cs)
+                         + (f" | {_g(fl['tensors'].get(t['name']))} |" if fl else " |"))
         lines.append("")
     return "\n".join(lines)
 

@@ -130,8 +130,9 @@ class PlanCache:
         return info
 
     def state_dict(self) -> dict[str, list]:
-        """The fits, ``"bucket/phase/shard/segment" -> [mu, sigma, count, max_abs]`` (``[]``: no fit)."""
-        return {"/".join(str(int(t)) for t in key): [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf)]
+        """The fits, ``"bucket/phase/shard/segment" -> [mu, sigma, count, max_abs, *sample]`` (``[]``: no fit)."""
+        return {"/".join(str(int(t)) for t in key):
+                [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf), *getattr(f, "sample", ())]
                 if f is not None else [] for key, f in self.fits.items()}
 
     def load_state_dict(self, fits: dict) -> None:
@@ -141,6 +142,6 @@ class PlanCache:
             key = tuple(int(t) for t in k.split("/"))
             if len(key) != 4:
                 raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment")
-            loaded[key] = ShardFit(v[0], v[1], int(v[2]), v[3]) if v else None
+            loaded[key] = ShardFit(v[0], v[1], int(v[2]), v[3], tuple(v[4:])) if v else None
         self.fits = loaded
         self.plans.clear()

@@ -614,6 +614,23 @@ def _read(path: Path, step_dir: Path):
                                     "or not a gradcomp checkpoint") from exc
 
 
+def _check_fit_entry(k, v, path: str) -> None:
+    """A saved fit: key ``bucket/phase/shard/segment``; value ``[]`` or ``[mu, sigma >= 0, count >= 0,
+    max_abs >= 0, *sample]`` with the sample ascending, positive and finite (at most SAMPLE_SIZE)."""
+    from .codecs.base import SAMPLE_SIZE
+
+    parts = k.split("/") if isinstance(k, str) else []
+    _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
+    sample = v[4:] if isinstance(v, list) else []
+    ok = isinstance(v, list) and (not v or (
+        4 <= len(v) <= 4 + SAMPLE_SIZE
+        and all((_is_int(x) or isinstance(x, float)) and not math.isnan(x) for x in v)
+        and math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] >= 0 and v[2] >= 0 and v[3] >= 0
+        and all(0 < a < math.inf for a in sample) and all(a <= b for a, b in zip(sample, sample[1:]))))
+    _need(ok, path, f"'hook'['fits'][{k!r}] is {v!r:.200}; a fit is [mu, sigma >= 0, count, max_abs, "
+          "*ascending positive sample] or []")
+
+
 def _need(cond: bool, path: Path, reason: str) -> None:
     if not cond:
         raise CheckpointError(path, reason)
@@ -726,13 +743,7 @@ def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
               f"'hook'['reduce_residuals'][{b}] has shape {tuple(t.shape)} for a bucket of {lay[1]} elements")
     _need_dict(sd["fits"], path, "'hook'['fits']")
     for k, v in sd["fits"].items():
-        parts = k.split("/") if isinstance(k, str) else []
-        _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
-        _need(isinstance(v, list) and (not v or (len(v) == 4 and all(_is_int(x) or isinstance(x, float) for x in v)
-                                               and all(not math.isnan(x) for x in v)
-                                               and math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] >= 0
-                                               and v[2] >= 0 and v[3] >= 0)), path,
-              f"'hook'['fits'][{k!r}] is {v!r}; a fit is [mu, sigma >= 0, count, max_abs] or []")
+        _check_fit_entry(k, v, path)
     st = _need_dict(sd["stats"], path, "'hook'['stats']", ("bytes_sent", "dense_bytes", "payload_bytes",
                                                             "payload_elements"))
     for k, v in st.items():
@@ -756,12 +767,7 @@ def _check_fsdp_compression_state(sd, path: Path, model: nn.Module) -> int:
         _need(t.dim() == 1 and t.is_floating_point() and t.numel() <= 2 * total + 64, path,
               f"'hook'['residuals'][{k!r}] has shape {tuple(t.shape)} (a residual of another model)")
     for k, v in _need_dict(sd["fits"], path, "'hook'['fits']").items():
-        parts = k.split("/") if isinstance(k, str) else []
-        _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
-        _need(isinstance(v, list) and (not v or (len(v) == 4 and all(isinstance(x, (int, float)) for x in v)
-                                               and math.isfinite(v[0]) and math.isfinite(v[1]) and v[1] >= 0
-                                               and v[2] >= 0 and v[3] >= 0)), path,
-              f"'hook'['fits'][{k!r}] is {v!r}; a fit is [mu, sigma >= 0, count, max_abs] or []")
+        _check_fit_entry(k, v, path)
     for k, v in _need_dict(sd["stats"], path, "'hook'['stats']").items():
         _need(_is_real(v) and v >= 0, path, f"'hook'['stats'][{k!r}] is {v!r}")
     return step

@@ -54,7 +54,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from scipy import special
+from scipy import optimize, special
 
 from .. import kernels, lognormal
 from ..packing import pack_unchecked, packed_size, unpack
@@ -242,6 +242,15 @@ def _check_sparsity(sparsity: float, what: str) -> float:
     return float(sparsity)
 
 
+THRESHOLDS = ("shard", "tensor")
+
+
+def _check_threshold(threshold: str, what: str) -> str:
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"{what}: threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    return threshold
+
+
 def _check_count_zeros(count_zeros: bool, what: str) -> bool:
     if not isinstance(count_zeros, bool):
         raise ValueError(f"{what}: count_zeros must be True or False, got {count_zeros!r}")
@@ -317,17 +326,44 @@ class PrunePlan:
     values: FPPlan | None = None
 
 
+def pruned_fraction(fit: lognormal.LognormalFit, alpha: float) -> float:
+    """Expected fraction of ``fit``'s usable entries that stochastic pruning at ``alpha`` zeroes:
+    ``mean(max(0, 1 - |x| / alpha))`` over the fit's sample where it carries one
+    (:class:`~gradcomp.codecs.base.ShardFit`), else the lognormal closed form
+    :func:`lognormal.sparsity_for_threshold`."""
+    sample = getattr(fit, "sample", ())
+    if sample:
+        return float(np.maximum(0.0, 1.0 - np.asarray(sample) / alpha).mean())
+    return float(lognormal.sparsity_for_threshold(alpha, fit.mu, fit.sigma))
+
+
+def _solve_alpha(zeros, fits) -> float:
+    """The threshold where ``zeros(log_alpha)`` (increasing) crosses 0, in float64, by bisection
+    over the fits' range (clamped to ``[2**-100, float32 max]``)."""
+    lo = max(min(f.mu - 40.0 * max(f.sigma, 1.0) for f in fits), math.log(_ALPHA_MIN))
+    hi = min(max(f.mu + 40.0 * max(f.sigma, 1.0) + f.sigma ** 2 for f in fits), math.log(_F32_MAX))
+    if zeros(hi) <= 0:
+        return _F32_MAX
+    if zeros(lo) >= 0:
+        return _ALPHA_MIN
+    return math.exp(optimize.brentq(zeros, lo, hi, xtol=1e-9, maxiter=200))
+
+
 def threshold_plan_alpha(sparsity: float, fit: lognormal.LognormalFit | None) -> float:
     """Return the float32 threshold for ``sparsity`` under ``fit`` (``inf`` without a fit).
 
     ``alpha = threshold_for_sparsity(sparsity, fit.mu, fit.sigma)`` rounded to float32 (the
-    value that is used and sent), clamped into ``[2**-149, float32 max]``; ``sparsity <= 0``
+    value that is used and sent), clamped into ``[2**-149, float32 max]``; with a fit that carries
+    a sample (:class:`~gradcomp.codecs.base.ShardFit`) the ``alpha`` whose
+    :func:`pruned_fraction` of the sample is ``sparsity`` instead; ``sparsity <= 0``
     gives ``2**-100``, which prunes nothing above it (no gradient value in practice).
     """
     if fit is None:
         return math.inf
     if sparsity <= 0.0:
         return _ALPHA_MIN
+    if getattr(fit, "sample", ()):
+        return _alpha32(_solve_alpha(lambda t: pruned_fraction(fit, math.exp(t)) - sparsity, [fit]))
     try:
         alpha = lognormal.threshold_for_sparsity(sparsity, fit.mu, fit.sigma)
     except ValueError:  # beyond float64: far beyond every float32 input as well
@@ -519,6 +555,39 @@ class _PruneBase(Codec):
         target = usable_sparsity(self.sparsity, fit, numel) if self.count_zeros else self.sparsity
         return threshold_plan_alpha(target, fit)
 
+    def _plan_at(self, fit, alpha: float) -> PrunePlan:
+        raise NotImplementedError
+
+    def plan(self, fit: lognormal.LognormalFit | None, numel: int | None = None) -> PrunePlan:
+        return self._plan_at(fit, self._alpha(fit, numel))
+
+    def plan_segments(self, fits, numels) -> list[PrunePlan]:
+        """Plans for the segments of one shard: with ``threshold="shard"`` one threshold for all.
+
+        ``"shard"``: ``alpha`` is solved so that the segments' fits, taken as a mixture of
+        lognormals weighted by their usable counts (plus the exact zeros with ``count_zeros``),
+        reach ``sparsity`` over the whole shard; each segment's kept values still get a value
+        plan from its own fit. One threshold is the allocation of a given expected number of
+        survivors that minimises the shard's total variance (an entry survives with probability
+        ``min(1, |x| / alpha)``), so small-scale tensors are pruned harder than large ones.
+        ``"tensor"``: every segment pruned at ``sparsity`` alone (equal relative treatment:
+        per-tensor error bounded, total error larger).
+        """
+        live = [(f, n) for f, n in zip(fits, numels) if f is not None and n > 0]
+        if self.threshold == "tensor" or len(fits) <= 1 or not live:
+            return [self.plan(f, n) for f, n in zip(fits, numels)]
+        total, usable = sum(numels), sum(min(f.count, n) for f, n in live)
+        want = self.sparsity * total - (total - usable) if self.count_zeros else self.sparsity * usable
+        if want <= 0:
+            alpha = _ALPHA_MIN
+        else:
+            def zeros(log_alpha: float) -> float:
+                a = math.exp(log_alpha)
+                return sum(min(f.count, n) * pruned_fraction(f, a) for f, n in live) - want
+            alpha = _solve_alpha(zeros, [f for f, _ in live])
+        alpha = _alpha32(alpha)
+        return [self._plan_at(f, alpha if f is not None else math.inf) for f in fits]
+
     def layout_decoder(self, tag: CodecTag) -> Decoder | None:
         return decode_prune_into if tag == self.tag else None
 
@@ -639,9 +708,10 @@ class PruneCodec(_PruneBase):
     stochastic = True
     _with_values = False
 
-    def __init__(self, sparsity: float = 0.85, count_zeros: bool = True):
+    def __init__(self, sparsity: float = 0.85, count_zeros: bool = True, threshold: str = "shard"):
         self.sparsity = _check_sparsity(sparsity, "PruneCodec")
         self.count_zeros = _check_count_zeros(count_zeros, "PruneCodec")
+        self.threshold = _check_threshold(threshold, "PruneCodec")
 
     def plan(self, fit: lognormal.LognormalFit | None, numel: int | None = None) -> PrunePlan:
         """Return the float32 threshold for this shard's fit (``alpha = inf`` without one).
@@ -649,7 +719,10 @@ class PruneCodec(_PruneBase):
         The threshold prunes the usable entries at :func:`usable_sparsity`, so that with the
         shard's exact zeros (``numel``) the whole shard reaches ``sparsity``.
         """
-        return PrunePlan(self._alpha(fit, numel), self.sparsity, None)
+        return self._plan_at(fit, self._alpha(fit, numel))
+
+    def _plan_at(self, fit, alpha: float) -> PrunePlan:
+        return PrunePlan(alpha, self.sparsity, None)
 
     def encode(self, x: torch.Tensor, *, key: int = 0, plan: PrunePlan | None = None) -> torch.Tensor:
         """Prune ``x`` (flattened) and return the PRUNE payload; ``plan=None`` fits ``x``."""
@@ -701,9 +774,10 @@ class PruneFPCodec(_PruneBase):
     _with_values = True
 
     def __init__(self, sparsity: float = 0.85, bits: int = 6, exp_bits: int | None = None,
-                 rounding: str = "stochastic", count_zeros: bool = True):
+                 rounding: str = "stochastic", count_zeros: bool = True, threshold: str = "shard"):
         self.sparsity = _check_sparsity(sparsity, "PruneFPCodec")
         self.count_zeros = _check_count_zeros(count_zeros, "PruneFPCodec")
+        self.threshold = _check_threshold(threshold, "PruneFPCodec")
         _check_bits(bits, exp_bits, rounding, "PruneFPCodec")
         self.bits = bits
         self.exp_bits = exp_bits
@@ -716,7 +790,9 @@ class PruneFPCodec(_PruneBase):
 
     def plan(self, fit: lognormal.LognormalFit | None, numel: int | None = None) -> PrunePlan:
         """Return the float32 threshold (as :meth:`PruneCodec.plan`) and the FP plan of the kept tail."""
-        alpha = self._alpha(fit, numel)
+        return self._plan_at(fit, self._alpha(fit, numel))
+
+    def _plan_at(self, fit, alpha: float) -> PrunePlan:
         return PrunePlan(alpha, self.sparsity, tail_fp_plan(self.bits, self.exp_bits, self.rounding, fit, alpha))
 
     def encode(self, x: torch.Tensor, *, key: int = 0, plan: PrunePlan | None = None) -> torch.Tensor:
