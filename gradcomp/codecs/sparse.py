@@ -693,7 +693,7 @@ class PruneCodec(_PruneBase):
     (:meth:`wire_bytes` is ``None``), its expectation is :meth:`expected_wire_bytes`.
 
     Reduce side (two-phase all-reduce): :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity,
-    0.3), 8, count_zeros=False)``, by the rule stated in :class:`PruneFPCodec`.
+    0.3), 8, count_zeros=False)`` (the same ``threshold``), by the rule stated in :class:`PruneFPCodec`.
 
     Example:
         >>> codec = PruneCodec(0.85)
@@ -730,7 +730,8 @@ class PruneCodec(_PruneBase):
 
     def reduce_codec(self) -> Codec:
         """``PruneFPCodec(min(sparsity, 0.3), 8)``: re-prune the mean lightly, 8-bit values."""
-        return PruneFPCodec(min(self.sparsity, REDUCE_SPARSITY), REDUCE_BITS, count_zeros=False)
+        return PruneFPCodec(min(self.sparsity, REDUCE_SPARSITY), REDUCE_BITS, count_zeros=False,
+                            threshold=self.threshold)
 
 
 class PruneFPCodec(_PruneBase):
@@ -754,7 +755,8 @@ class PruneFPCodec(_PruneBase):
     the data, its expectation is :meth:`expected_wire_bytes` / :func:`prune_fp_wire_bytes`.
 
     Reduce side (two-phase all-reduce): :meth:`reduce_codec` is ``PruneFPCodec(min(sparsity,
-    0.3), max(bits, 8), count_zeros=False)`` (``exp_bits`` kept only if the width is). The mean
+    0.3), max(bits, 8), count_zeros=False)`` (``exp_bits`` kept only if the width is; the same
+    ``threshold``). The mean
     of N pruned shards is denser than one of them and not lognormal (spikes at multiples of
     ``alpha/N``); its zeros are phase 1's pruning, so the sparsity applies to its nonzeros and
     the payload grows with the mean's density (``reduce_codec()`` cannot see N). Rule: the
@@ -803,7 +805,8 @@ class PruneFPCodec(_PruneBase):
         """``PruneFPCodec(min(sparsity, 0.3), max(bits, 8))``: re-prune the mean lightly."""
         bits = max(self.bits, REDUCE_BITS)
         return PruneFPCodec(min(self.sparsity, REDUCE_SPARSITY), bits,
-                            self.exp_bits if bits == self.bits else None, self.rounding, count_zeros=False)
+                            self.exp_bits if bits == self.bits else None, self.rounding, count_zeros=False,
+                            threshold=self.threshold)
 
 
 def _check_counts(n: int, unary_bits: int, k: int, numel: int, extra: str = "") -> None:

@@ -274,7 +274,7 @@ def segment_cases(rank: int, world: int) -> dict:
     """Per-tensor plans against one plan per shard, on a bucket of mixed-scale tensors; and a
     state_dict round trip of a per-tensor state (the resumed step must encode the same bits)."""
     out = {}
-    codecs = {"fp6": C.FPCodec(6), "prune_fp": C.PruneFPCodec(0.85, 6), "budget": C.BudgetCodec(1.5)}
+    codecs = {"fp6": C.FPCodec(6), "prune_fp": C.PruneFPCodec(0.85, 6, threshold="tensor"), "budget": C.BudgetCodec(1.5)}
     x = segment_input(rank)
     for name, codec in codecs.items():
         for coll in ("two_phase", "allgather"):
