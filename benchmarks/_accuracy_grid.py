@@ -2,7 +2,7 @@
 
 Not a benchmark itself. It holds the one training recipe all three use (:data:`RECIPE`, the
 same for every variant: the papers do not tune per bit width or per format), runs a grid of
-:class:`gradcomp.train.TrainConfig` variants x seeds single-process with a progress line per run
+:class:`gradcomp.app.train.TrainConfig` variants x seeds single-process with a progress line per run
 and a running estimate of the time left, summarises accuracies, captures the GradQuant modules
 of each run (``train()`` returns no model), and writes the reports.
 """
@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from gradcomp import train as train_mod
-from gradcomp.env import environment, write_report
+from gradcomp.app import train as train_mod
+from gradcomp.app.env import environment, write_report
 
 # resnet1d width 32 (111k parameters) on MNIST-1D (4000 train / 1000 test), SGD with (heavy-ball)
 # momentum, cosine decay to 0. Measured here: the fp32 model reaches 97-98.5% after 5-6 epochs
@@ -129,7 +129,7 @@ def diff_pct(a: dict, base: dict) -> str:
 class Observer:
     """Capture the GradQuant modules of one ``train()`` run (it returns no model).
 
-    ``capture()`` wraps :func:`gradcomp.train.build_model` for the duration of the run, so the
+    ``capture()`` wraps :func:`gradcomp.app.train.build_model` for the duration of the run, so the
     observer sees exactly the model and modules that train; subclasses override
     ``on_build``/``on_step``/``finish``.
     """
@@ -231,7 +231,7 @@ def recipe_line(recipe: dict) -> str:
 
 
 def save(output: str, stem: str, data: dict, markdown: str) -> None:
-    """Write ``stem.json`` and ``stem.md`` (gradcomp.env.write_report) and say where."""
+    """Write ``stem.json`` and ``stem.md`` (gradcomp.app.env.write_report) and say where."""
     write_report(output, stem, data, markdown)
     print(f"wrote {os.path.join(output, stem)}.{{json,md,png}}", file=sys.stderr)
 

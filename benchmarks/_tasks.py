@@ -78,7 +78,7 @@ class Task:
 # ----------------------------------------------------------------------------- image classification
 @dataclass(frozen=True)
 class DigitsTask(Task):
-    """scikit-learn digits (1437 train / 360 test, 8x8) with gradcomp.models; SGD + momentum.
+    """scikit-learn digits (1437 train / 360 test, 8x8) with gradcomp.app.models; SGD + momentum.
 
     ``pool`` > 1 average-pools the images by that factor first (the CNN task: 4x4, so the
     ResNet's last stage runs at 1x1, where a 3x3 convolution's zero padding makes 8 of its 9 taps'
@@ -91,11 +91,11 @@ class DigitsTask(Task):
     def load_data(self) -> dict:
         import torch.nn.functional as F
 
-        from gradcomp.data import load_dataset
+        from gradcomp.app.data import load_dataset
 
         b = load_dataset("digits", seed=0)
         (xtr, ytr), (xte, yte) = b.train.tensors, b.test.tensors
-        xtr, xte, shape, src = xtr.float(), xte.float(), tuple(b.input_shape), "gradcomp.data.load_dataset('digits', seed=0)"
+        xtr, xte, shape, src = xtr.float(), xte.float(), tuple(b.input_shape), "gradcomp.app.data.load_dataset('digits', seed=0)"
         if self.pool > 1:
             xtr, xte = F.avg_pool2d(xtr, self.pool), F.avg_pool2d(xte, self.pool)
             shape = tuple(xtr.shape[1:])
@@ -104,16 +104,16 @@ class DigitsTask(Task):
                 "input_shape": shape, "num_classes": b.num_classes}
 
     def build_model(self, data, cfg, seed):
-        from gradcomp.models import build_model
+        from gradcomp.app.models import build_model
 
         return build_model(self.model, input_shape=data["input_shape"], num_classes=data["num_classes"],
                            width=cfg["width"], seed=seed)
 
     def batches(self, data, cfg, rank, world, seed):
-        """gradcomp.data.make_loader: DistributedSampler shards of one seeded permutation per epoch."""
+        """gradcomp.app.data.make_loader: DistributedSampler shards of one seeded permutation per epoch."""
         import torch
 
-        from gradcomp.data import make_loader
+        from gradcomp.app.data import make_loader
 
         ds = torch.utils.data.TensorDataset(data["x_train"], data["y_train"])
         loader = make_loader(ds, cfg["global_batch"] // world, rank=rank, world_size=world, seed=seed)
@@ -143,7 +143,7 @@ class DigitsTask(Task):
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"]), None
 
     def model_name(self, cfg) -> str:
-        return f"gradcomp.models.build_model('{self.model}', width={cfg['width']})"
+        return f"gradcomp.app.models.build_model('{self.model}', width={cfg['width']})"
 
     def recipe(self, cfg) -> str:
         return f"images; SGD lr {cfg['lr']} momentum {cfg['momentum']}"
@@ -155,7 +155,7 @@ class DigitsTask(Task):
 # ----------------------------------------------------------------------------- language model
 @dataclass(frozen=True)
 class LMTask(Task):
-    """GPT byte-level decoder (gradcomp.lm) on the Python stdlib sources (gradcomp.corpus).
+    """GPT byte-level decoder (gradcomp.app.lm) on the Python stdlib sources (gradcomp.app.corpus).
 
     ``width`` is d_model (heads of LM_HEAD_DIM), LM_LAYERS pre-LN blocks, context LM_CONTEXT;
     ``global_batch`` counts sequences. AdamW (betas LM_BETAS, weight decay LM_WEIGHT_DECAY on
@@ -165,7 +165,7 @@ class LMTask(Task):
     """
 
     def load_data(self) -> dict:
-        from gradcomp.corpus import fixed_batches, load_python_corpus
+        from gradcomp.app.corpus import fixed_batches, load_python_corpus
 
         c = load_python_corpus()
         d = c.describe()
@@ -176,13 +176,13 @@ class LMTask(Task):
                 "val_batches": fixed_batches(c.val, LM_EVAL_BATCHES, LM_EVAL_BATCH, LM_CONTEXT, seed=0)}
 
     def build_model(self, data, cfg, seed):
-        from gradcomp.lm import build_lm
+        from gradcomp.app.lm import build_lm
 
         w = cfg["width"]
         return build_lm(context=LM_CONTEXT, d_model=w, n_layer=LM_LAYERS, n_head=max(1, w // LM_HEAD_DIM), seed=seed)
 
     def batches(self, data, cfg, rank, world, seed):
-        from gradcomp.corpus import lm_batch
+        from gradcomp.app.corpus import lm_batch
 
         step = 0
         while True:
@@ -191,14 +191,14 @@ class LMTask(Task):
             step += 1
 
     def loss(self, out, y):
-        from gradcomp.lm import lm_loss
+        from gradcomp.app.lm import lm_loss
 
         return lm_loss(out, y)
 
     def evaluate(self, model, data) -> float:
         import torch
 
-        from gradcomp.lm import lm_loss
+        from gradcomp.app.lm import lm_loss
 
         with torch.no_grad():
             model.eval()
@@ -236,7 +236,7 @@ class LMTask(Task):
 
     def model_name(self, cfg) -> str:
         w = cfg["width"]
-        return (f"gradcomp.lm.build_lm(d_model={w}, n_layer={LM_LAYERS}, n_head={max(1, w // LM_HEAD_DIM)}, "
+        return (f"gradcomp.app.lm.build_lm(d_model={w}, n_layer={LM_LAYERS}, n_head={max(1, w // LM_HEAD_DIM)}, "
                 f"context={LM_CONTEXT}): GPT byte-level decoder, pre-LN, tied embeddings")
 
 

@@ -102,13 +102,13 @@ METHODS = {m.name: m for m in [
     Method("prunefp_0.85_6", "ours", "PruneFPCodec(0.85, 6)", 1.2),
     Method("budget_1.5", "ours", "BudgetCodec(1.5)", 1.5),
 ]}
-# FSDP2 rows (gradcomp.fsdp): the same MLP under fully_shard, FSDP2's own reduce-scatter vs
+# FSDP2 rows (gradcomp.comm.fsdp): the same MLP under fully_shard, FSDP2's own reduce-scatter vs
 # gradcomp's compressed one. Parameters are all-gathered densely in both (one all-gather per
 # step: reshard_after_forward=False), so the link carries that too (see _timed_steps_fsdp).
 FSDP_METHODS = [
     Method("fsdp_fp32", "fsdp", "FSDP2 default reduce-scatter (fp32)", 32),
-    Method("fsdp_fp6", "fsdp", "FSDP2 + gradcomp.fsdp FPCodec(6)", 6),
-    Method("fsdp_prunefp_0.85_6", "fsdp", "FSDP2 + gradcomp.fsdp PruneFPCodec(0.85, 6)", 1.2),
+    Method("fsdp_fp6", "fsdp", "FSDP2 + gradcomp.comm.fsdp FPCodec(6)", 6),
+    Method("fsdp_prunefp_0.85_6", "fsdp", "FSDP2 + gradcomp.comm.fsdp PruneFPCodec(0.85, 6)", 1.2),
 ]
 METHODS.update({m.name: m for m in FSDP_METHODS})
 QUICK_METHODS = list(TASKS["mlp"].quick["methods"])
@@ -243,7 +243,7 @@ def _our_model_bytes(stats: dict, world: int) -> tuple[float, float, float]:
     Messages: the hook's count (``N-1`` per round, size exchanges included), for the wire-level
     model (:func:`wire_model_bytes`).
     """
-    from gradcomp.collectives import expected_bytes_sent
+    from gradcomp.comm.collectives import expected_bytes_sent
 
     both = phase1 = messages = 0.0
     for b in stats["buckets"].values():
@@ -602,8 +602,8 @@ def _timed_steps_fsdp(rank, world, job, data, seed, method, group, counting, bar
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from gradcomp import fsdp
-    from gradcomp.collectives import expected_bytes_sent
+    from gradcomp.comm import fsdp
+    from gradcomp.comm.collectives import expected_bytes_sent
 
     cfg = job["cfg"]
     task = _task(cfg)
@@ -754,7 +754,7 @@ def _short_error(text: str) -> str:
 def _rank_body(rank: int, world: int, job: dict) -> None:
     import torch.distributed as dist
 
-    from gradcomp import kernels
+    from gradcomp.numerics import kernels
 
     kernels.warmup()
     cfg = job["cfg"]
@@ -1257,7 +1257,7 @@ def _f(v, fmt: str, scale: float = 1.0, none: str = "-") -> str:
 
 
 def write_outputs(rows: list[dict], cfg: SweepConfig, meta: dict) -> dict:
-    from gradcomp.env import write_report
+    from gradcomp.app.env import write_report
 
     task = cfg.task_obj
     stem = task.defaults["stem"]
@@ -1440,7 +1440,7 @@ def _plots(summary: dict, cfg: SweepConfig, targets: dict) -> None:
 def _environment() -> dict:
     from importlib import metadata
 
-    from gradcomp.env import environment
+    from gradcomp.app.env import environment
 
     env = environment()
     try:

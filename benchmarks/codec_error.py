@@ -19,7 +19,7 @@ import torch
 
 from gradcomp import codecs as C
 from gradcomp.codecs.base import fit_or_none
-from gradcomp.env import environment, write_report
+from gradcomp.app.env import environment, write_report
 
 
 def codec_list() -> list[tuple[str, C.Codec]]:

@@ -5,7 +5,7 @@ memcpy is ``dst.copy_(src)`` into a preallocated float32 buffer of the same size
 memory-bandwidth yardstick the codec ratios are quoted against. Two kinds of rows:
 
 * format rows (``fp6_e3m2_*``): the FP kernels alone, on the native fused path
-  (:mod:`gradcomp.kernels`) and on the eager reference path;
+  (:mod:`gradcomp.numerics.kernels`) and on the eager reference path;
 * format-function rows: ``gradcomp.encode`` / ``decode`` (FP6 codes, unpacked; decode into a
   preallocated ``out=``, as memcpy) and ``gradcomp.pack`` / ``unpack`` (6-bit codes), native
   and eager;
@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 
 from gradcomp import FPFormat
-from gradcomp.env import environment
-from gradcomp.rng import derive_key
+from gradcomp.app.env import environment
+from gradcomp.numerics.rng import derive_key
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def _codecs() -> list[tuple[str, object]]:
 
 def run(numel: int, repeats: int, threads: list[int], progress: bool, paths: list[str]) -> dict:
     import gradcomp
-    from gradcomp import kernels
+    from gradcomp.numerics import kernels
     from gradcomp.codecs import decode_payload
     from gradcomp.codecs.base import fit_or_none
     from gradcomp.codecs.dense import FPPlan, decode_fp_values, encode_fp_values

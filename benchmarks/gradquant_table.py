@@ -87,7 +87,7 @@ class FormatObserver(G.Observer):
         self.refits: list[dict] = []
 
     def on_step(self, step: int) -> None:
-        from gradcomp import lognormal
+        from gradcomp.numerics import lognormal
         from gradcomp.codecs.dense import fp_plan
 
         fresh = [g for i, g in enumerate(self.gradquant) if g.fit is not None and g.fit is not self.last[i]]

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradcomp.env import environment, write_report
+from gradcomp.app.env import environment, write_report
 
 METHODS = ["fp32 (no hook)", "torch fp16_compress_hook", "FPCodec(8)", "FPCodec(6)",
            "PruneFPCodec(0.85, 6)", "BudgetCodec(1.5)"]
@@ -45,7 +45,7 @@ def _register(ddp, method: str):
 def _worker(rank: int, world: int, store: str, params: int, steps: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
-    from gradcomp import kernels
+    from gradcomp.numerics import kernels
 
     kernels.warmup()
     width = int((params / 5) ** 0.5)

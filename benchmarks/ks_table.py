@@ -1,6 +1,6 @@
 """Reproduce the seed's KS table (Normal vs Lognormal fit of gradients) on our small models.
 
-Runs :func:`gradcomp.analyze.analyze` for each model/data set pair (default: resnet1d on
+Runs :func:`gradcomp.app.analyze.analyze` for each model/data set pair (default: resnet1d on
 MNIST-1D and resnet2d on digits; ``--with-st`` adds resnet1d with 2-bit ST activations) and
 writes ``ks_table.md``/``ks_table.json`` plus one ``ks_table_<model>_<dataset>.png`` of ln|g|
 histograms per pair into ``--output`` (default ``benchmarks/results``).
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from gradcomp import analyze as A
-from gradcomp.env import environment
+from gradcomp.app import analyze as A
+from gradcomp.app.env import environment
 
 PAIRS = [("resnet1d", "mnist1d", None), ("resnet2d", "digits", None)]
 ST_PAIR = ("resnet1d", "mnist1d", 2)

@@ -3,7 +3,7 @@
 Two gloo ranks (spawned) train each model with plain fp32 DDP (the task's optimizer, data and
 batches of ``bandwidth_accuracy.py``'s ``lm`` and ``cnn`` tasks, ``benchmarks/_tasks.py``). At
 every training step, after the exact step's backward and before its optimizer step, each codec's
-own DDP replica (``gradcomp.hook.register(ddp, codec)``, DDP's default buckets unless
+own DDP replica (``gradcomp.comm.hook.register(ddp, codec)``, DDP's default buckets unless
 ``--bucket-cap-mb``) gets the same weights and buffers and runs forward/backward on the same
 batch, so its hook sees every step as in training (warm-up step, DDP's bucket rebuild, a refit
 every ``refit_every`` steps, stale plans in between). From step ``--measure-from`` on it
@@ -468,8 +468,8 @@ def main(argv=None) -> int:
         return 0
     import torch.multiprocessing as mp
 
-    from gradcomp import kernels
-    from gradcomp.env import environment
+    from gradcomp.numerics import kernels
+    from gradcomp.app.env import environment
 
     kernels.warmup()  # build the native kernels once here, not in both ranks
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

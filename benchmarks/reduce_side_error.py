@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcomp import env
+from gradcomp.app import env
 
 from gradcomp.codecs import (Codec, FPCodec, PruneCodec, PruneFPCodec, TopKCodec,
                              decode_payload)
-from gradcomp.rng import derive_key
+from gradcomp.numerics.rng import derive_key
 
 # Extra phase-2 candidates for the pruning codecs: re-prune at a lower sparsity with 8-bit values.
 EXTRA_SPARSITIES = (0.5, 0.3)

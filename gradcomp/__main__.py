@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from . import lognormal
-from .packing import pack, unpack
-from .pruning import prune_to_sparsity
-from .quant import decode, encode
-from .rng import derive_key
+from gradcomp.numerics import lognormal
+from gradcomp.numerics.packing import pack, unpack
+from gradcomp.numerics.pruning import prune_to_sparsity
+from gradcomp.numerics.quant import decode, encode
+from gradcomp.numerics.rng import derive_key
 
 # Bytes of side information a payload of one shard carries next to its packed codes: the
 # format (exp/man bits), the power-of-two scale exponent and a non-finite flag.
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--sparsity", type=float, default=0.85)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print the report as JSON")
-    from . import analyze
+    from gradcomp.app import analyze
 
     a = sub.add_parser("analyze", help="train a small model and KS-test its weight and neural "
                        "gradients against Normal and Lognormal (the seed's table)",

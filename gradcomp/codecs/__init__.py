@@ -8,13 +8,13 @@ declares its exact wire size (``wire_bytes``) or, for data-dependent sizes, its 
 
 from __future__ import annotations
 
-from ..error_model import fp_nmse, prune_fp_nmse, pruning_nmse
-from .base import HEADER_BYTES, Codec, CodecTag, Header, read_header
-from .budget import BudgetCodec, BudgetPlan
-from .dense import FPCodec, FPPlan, HalfCodec, IdentityCodec
-from .registry import decode_payload
-from .segments import join_segments, split_segments
-from .sparse import PruneCodec, PruneFPCodec, PrunePlan, TopKCodec
+from gradcomp.codecs.base import HEADER_BYTES, Codec, CodecTag, Header, read_header
+from gradcomp.codecs.budget import BudgetCodec, BudgetPlan
+from gradcomp.codecs.dense import FPCodec, FPPlan, HalfCodec, IdentityCodec
+from gradcomp.codecs.registry import decode_payload
+from gradcomp.codecs.segments import join_segments, split_segments
+from gradcomp.codecs.sparse import PruneCodec, PruneFPCodec, PrunePlan, TopKCodec
+from gradcomp.numerics.error_model import fp_nmse, prune_fp_nmse, pruning_nmse
 
 __all__ = [
     "BudgetCodec", "BudgetPlan", "fp_nmse", "prune_fp_nmse", "pruning_nmse",

@@ -32,9 +32,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import lognormal
-from ..formats import FPFormat
-from ..quant import has_nonfinite
+from gradcomp.numerics import lognormal
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.quant import has_nonfinite
 
 HEADER_BYTES = 8
 FLAG_NONFINITE = 1
@@ -164,7 +164,7 @@ class Codec(abc.ABC):
 
     Subclasses set ``tag``; ``summable`` codecs (dense float payloads) may be all-reduced
     directly instead of going through the two-phase exchange; ``stochastic`` codecs use the
-    ``key`` given to :meth:`encode` (see :mod:`gradcomp.rng`) and are unbiased.
+    ``key`` given to :meth:`encode` (see :mod:`gradcomp.numerics.rng`) and are unbiased.
     """
 
     tag: ClassVar[CodecTag]

@@ -4,7 +4,7 @@
 the shard) and, per shard, chooses from the lognormal fit of ``|x|`` the layout (dense FP,
 pruning with FP-coded or float32 kept values), the threshold ``alpha`` (sparsity ``S``), the
 value width ``b``, its exponent/mantissa split and its power-of-two scale ``k`` that minimize
-the expected NMSE of :mod:`gradcomp.error_model` within the budget. The payloads are the
+the expected NMSE of :mod:`gradcomp.numerics.error_model` within the budget. The payloads are the
 ordinary FP / PRUNE_FP / PRUNE / IDENTITY payloads.
 
 Wire model: dense FP costs ``8 * (8 + ceil(n b / 8)) / n`` bits per element; PRUNE_FP / PRUNE
@@ -25,12 +25,19 @@ import numpy as np
 import torch
 from scipy import special
 
-from .. import lognormal
-from ..error_model import MIN_SIGMA, fp_tables, log_top_of, pruning_nmse_z
-from ..formats import FPFormat
-from .base import HEADER_BYTES, Codec, CodecTag, Decoder, check_shard, fit_or_none
-from .dense import FPCodec, FPPlan, IdentityCodec, decode_fp_into, decode_identity_into, min_scale_exp
-from .sparse import PRUNE_FIXED_BYTES, PruneCodec, PruneFPCodec, PrunePlan, decode_prune_into, prune_fp_wire_bytes
+from gradcomp.codecs.base import HEADER_BYTES, Codec, CodecTag, Decoder, check_shard, fit_or_none
+from gradcomp.codecs.dense import FPCodec, FPPlan, IdentityCodec, decode_fp_into, decode_identity_into, min_scale_exp
+from gradcomp.codecs.sparse import (
+    PRUNE_FIXED_BYTES,
+    PruneCodec,
+    PruneFPCodec,
+    PrunePlan,
+    decode_prune_into,
+    prune_fp_wire_bytes,
+)
+from gradcomp.numerics import lognormal
+from gradcomp.numerics.error_model import MIN_SIGMA, fp_tables, log_top_of, pruning_nmse_z
+from gradcomp.numerics.formats import FPFormat
 
 __all__ = ["BudgetCodec", "BudgetPlan", "MIN_BUDGET_BITS"]
 
@@ -67,7 +74,7 @@ def _fractions(z, s: float):
     """(nonzero fraction ``1 - S``, kept fraction ``P(u > e^z)``) per usable entry, vectorized.
 
     ``1 - S(z) = Phi(-z/s) + exp(s^2/2 - z + log Phi(z/s - s))`` (the complement of
-    :func:`gradcomp.lognormal.sparsity_for_threshold`, taken analytically so that high sparsities
+    :func:`gradcomp.numerics.lognormal.sparsity_for_threshold`, taken analytically so that high sparsities
     keep their relative precision).
     """
     z = np.asarray(z, dtype=np.float64)
@@ -355,7 +362,7 @@ class BudgetCodec(Codec):
     and plain float32 (IdentityCodec's, once the budget affords ``32 + 64 / n`` bits), with
     every exponent/mantissa split up to 8 bits (wider: 5..10 mantissa and 2..6 exponent bits)
     and the best power-of-two scale ``k``, the combination with the smallest expected
-    ``NMSE = E[(Q(x) - x)^2] / E[x^2]`` (:mod:`gradcomp.error_model`; with stochastic rounding
+    ``NMSE = E[(Q(x) - x)^2] / E[x^2]`` (:mod:`gradcomp.numerics.error_model`; with stochastic rounding
     every operator is unbiased, so this is the variance they add) whose expected payload fits
     ``bits_per_element`` (headers included, amortized over the shard).
 

@@ -7,12 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kernels, lognormal
-from ..error_model import fp_nmse
-from ..formats import FPFormat
-from ..packing import pack_unchecked, packed_size, unpack
-from ..quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
-from .base import (
+from gradcomp.codecs.base import (
     HEADER_BYTES,
     Codec,
     CodecTag,
@@ -23,6 +18,11 @@ from .base import (
     fit_or_none,
     make_header,
 )
+from gradcomp.numerics import kernels, lognormal
+from gradcomp.numerics.error_model import fp_nmse
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.packing import pack_unchecked, packed_size, unpack
+from gradcomp.numerics.quant import ROUNDING_MODES, _as_source, _encode_bits, decode_table
 
 
 class IdentityCodec(Codec):
@@ -124,7 +124,7 @@ def fp_plan(bits: int, exp_bits: int | None, rounding: str,
     the fitted lognormal, no sampling), and both only consider scales at which the fit's
     ``max_abs`` (see :class:`ShardFit`) does not saturate:
 
-    * ``"mse"``: the added variance ``E[(Q(x)-x)^2] / E[x^2]`` (:func:`gradcomp.error_model.fp_nmse`, with the
+    * ``"mse"``: the added variance ``E[(Q(x)-x)^2] / E[x^2]`` (:func:`gradcomp.numerics.error_model.fp_nmse`, with the
       lognormal cut at ``max_abs``), what SGD feels in an averaged gradient. The scale is
       searched upward from the smallest non-saturating one.
     * ``"relative"``: the seed's criterion, ``E|Q(x)-x|/|x|`` (:func:`lognormal.exact_relative_error`),
@@ -213,7 +213,7 @@ def cover_max(plan: FPPlan, xs: torch.Tensor, amax: float | None = None) -> FPPl
 def encode_fp_values(xs: torch.Tensor, plan: FPPlan, stochastic: bool, key: int) -> torch.Tensor:
     """Packed FP codes of the float32 tensor ``xs`` under ``plan`` (NaN saturates; flag it).
 
-    Uses the fused native kernel where it applies (:mod:`gradcomp.kernels`, bit-identical),
+    Uses the fused native kernel where it applies (:mod:`gradcomp.numerics.kernels`, bit-identical),
     the eager tensor code otherwise.
     """
     fast = kernels.encode_pack(xs, plan.fmt, stochastic, key, plan.scale_exp) if xs.numel() else None

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import CodecTag, Header, decode_with, nan_fill_if, read_header
-from .dense import decode_fp_into, decode_half_into, decode_identity_into
-from .segments import split_segments
-from .sparse import decode_prune_into, decode_topk_into
+from gradcomp.codecs.base import CodecTag, Header, decode_with, nan_fill_if, read_header
+from gradcomp.codecs.dense import decode_fp_into, decode_half_into, decode_identity_into
+from gradcomp.codecs.segments import split_segments
+from gradcomp.codecs.sparse import decode_prune_into, decode_topk_into
 
 
 def decode_segments_into(payload: torch.Tensor, header: Header, numel: int, out: torch.Tensor) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import FLAG_NONFINITE, HEADER_BYTES, CodecTag, Header
+from gradcomp.codecs.base import FLAG_NONFINITE, HEADER_BYTES, CodecTag, Header
 
 _COUNT = struct.Struct("<I")
 _ENTRY = struct.Struct("<II")

@@ -22,7 +22,7 @@ rows pruned) gets cheaper. For independent elements sent with probability ``p`` 
 geometric and the expected cost (:func:`rice_expected_bits`) is close to the entropy.
 
 Payload layout (after the 8-byte header of :mod:`gradcomp.codecs.base`; little-endian; each
-bit field packed with :func:`gradcomp.packing.pack_unchecked` and padded to a whole byte)::
+bit field packed with :func:`gradcomp.numerics.packing.pack_unchecked` and padded to a whole byte)::
 
     PRUNE / PRUNE_FP                           TOPK
     float32  alpha (the float32 threshold)     int32  n        (entries sent)
@@ -36,7 +36,7 @@ bit field packed with :func:`gradcomp.packing.pack_unchecked` and padded to a wh
     n x k bits    Rice remainders
     U bits        unary stream
 
-On CPU the native kernels of :mod:`gradcomp.kernels` produce the same bytes as the eager tensor
+On CPU the native kernels of :mod:`gradcomp.numerics.kernels` produce the same bytes as the eager tensor
 code below (the reference and fallback, ``GRADCOMP_KERNELS=eager``).
 
 The header's format/scale fields describe the FP codes (PRUNE_FP) or are zero. Decoders check the
@@ -56,11 +56,7 @@ import numpy as np
 import torch
 from scipy import optimize, special
 
-from .. import kernels, lognormal
-from ..packing import pack_unchecked, packed_size, unpack
-from ..pruning import stochastic_prune
-from ..rng import derive_key
-from .base import (
+from gradcomp.codecs.base import (
     HEADER_BYTES,
     Codec,
     CodecTag,
@@ -71,7 +67,7 @@ from .base import (
     fit_or_none,
     make_header,
 )
-from .dense import (
+from gradcomp.codecs.dense import (
     FPPlan,
     _check_bits,
     check_payload_size,
@@ -81,6 +77,10 @@ from .dense import (
     fp_plan,
     min_scale_exp,
 )
+from gradcomp.numerics import kernels, lognormal
+from gradcomp.numerics.packing import pack_unchecked, packed_size, unpack
+from gradcomp.numerics.pruning import stochastic_prune
+from gradcomp.numerics.rng import derive_key
 
 # Rice parameters are packed as k-bit remainders, and the packer takes 1..16 bits. A capped k
 # only matters below about one nonzero in 2**16 elements, where the unary part then grows by
@@ -172,7 +172,7 @@ def _rice_encode(idx: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Ten
     unary bits, k).
 
     ``k`` is the cheapest, by exact cost on these gaps, of 0 and ``k0 - 2 .. k0 + 2`` (``k0`` the
-    model optimum), ties to the smaller. Native kernel on CPU (:mod:`gradcomp.kernels`, the same
+    model optimum), ties to the smaller. Native kernel on CPU (:mod:`gradcomp.numerics.kernels`, the same
     bytes); the eager path costs one small host sync for the costs, one for the stream length.
     """
     empty = torch.empty(0, dtype=torch.uint8, device=idx.device)
@@ -543,6 +543,7 @@ class _PruneBase(Codec):
     uses_fit = True
     sparsity: float
     count_zeros: bool
+    threshold: str
     _with_values: ClassVar[bool]  # plans carry an FPPlan for the kept values (PRUNE_FP)
 
     @property

@@ -34,8 +34,8 @@ except ImportError as exc:  # the optional extra is not installed (or does not i
 
 from torch.nn.parallel import DistributedDataParallel
 
-from ..codecs import Codec
-from ..hook import CompressionState, compression_hook
+from gradcomp.codecs import Codec
+from gradcomp.comm.hook import CompressionState, compression_hook
 
 if not callable(getattr(DDPStrategy, "_register_ddp_hooks", None)):
     raise ImportError(

@@ -5,7 +5,7 @@ identity in the forward pass. In the backward pass it takes the gradient w.r.t. 
 "neural gradient" of the layer it follows) and
 
 1. stochastically prunes it at the threshold that gives ``sparsity`` under the layer's
-   lognormal fit (:func:`gradcomp.lognormal.threshold_for_sparsity`; unbiased), if ``sparsity > 0``;
+   lognormal fit (:func:`gradcomp.numerics.lognormal.threshold_for_sparsity`; unbiased), if ``sparsity > 0``;
 2. rounds it onto a ``bits``-bit float (sign included), if ``bits`` is set, with the
    exponent/mantissa split ``E*`` chosen from the fit (``criterion="relative"``: the seed's
    exact mean relative error, the setting of its table; ``"mse"`` also available), shifted by
@@ -28,12 +28,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import lognormal
-from ..codecs.base import fit_or_none
-from ..codecs.dense import CRITERIA, FPPlan, abs_max_and_nonfinite, cover_max, fp_plan
-from ..pruning import stochastic_prune
-from ..quant import ROUNDING_MODES, quantize
-from ..rng import derive_key
+from gradcomp.codecs.base import fit_or_none
+from gradcomp.codecs.dense import CRITERIA, FPPlan, abs_max_and_nonfinite, cover_max, fp_plan
+from gradcomp.numerics import lognormal
+from gradcomp.numerics.pruning import stochastic_prune
+from gradcomp.numerics.quant import ROUNDING_MODES, quantize
+from gradcomp.numerics.rng import derive_key
 
 
 class _GradQuantFn(torch.autograd.Function):

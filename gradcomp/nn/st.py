@@ -31,7 +31,7 @@ sets the levels" (the alternative, per-sample levels ``a * alpha * j / n``, brea
   "black-and-white photo" of the slides).
 * **Signs**: values below the first threshold, negatives included, map to 0: ST absorbs the
   ReLU in front of the convolution. In the intended layout (BN -> ReLU -> ST -> conv; every
-  conv but the stem of ``gradcomp.models``' pre-activation ResNets) the input is already
+  conv but the stem of ``gradcomp.app.models``' pre-activation ResNets) the input is already
   non-negative and ST only quantizes.
 * **Initial step** (*guess*; the paper initializes from a full-precision model): the
   MSE-optimal uniform step for ``relu(N(0, 1))`` input (BN -> ReLU output) with ``2**k`` levels
@@ -303,7 +303,7 @@ def convert_st(model: nn.Module, bits: int, *, skip_first: bool = True, skip_las
     """Insert a :class:`SqueezeThreshold` before every selected convolution of ``model`` (in place).
 
     The selected layers are the instances of ``layer_types`` in ``model.modules()`` order
-    (registration order; for ``gradcomp.models``' ResNets that is the stem first, and a block's
+    (registration order; for ``gradcomp.app.models``' ResNets that is the stem first, and a block's
     1x1 shortcut after its two 3x3 convolutions), without the first if ``skip_first`` (its input
     is the raw data, which the paper leaves in full precision) and without the last if
     ``skip_last``. Each gets ``SqueezeThreshold(layer.in_channels, bits, **st_options)`` as a

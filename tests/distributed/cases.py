@@ -8,7 +8,7 @@ import torch
 
 import gradcomp
 from gradcomp import codecs as C
-from gradcomp.collectives import shard_bounds
+from gradcomp.comm.collectives import shard_bounds
 
 from .harness import FakeBucket
 

@@ -11,7 +11,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from gradcomp import codecs as C
-from gradcomp import fsdp
+from gradcomp.comm import fsdp
 
 from .cases import digits_split, rank_input
 from .harness import progress

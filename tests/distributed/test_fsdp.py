@@ -1,10 +1,10 @@
-"""gradcomp.fsdp on spawned gloo ranks: FSDP2 reduce-scatter, HSDP, resume, failures."""
+"""gradcomp.comm.fsdp on spawned gloo ranks: FSDP2 reduce-scatter, HSDP, resume, failures."""
 
 import pytest
 import torch
 
 import gradcomp
-from gradcomp.collectives import expected_bytes_sent, expected_messages
+from gradcomp.comm.collectives import expected_bytes_sent, expected_messages
 
 from . import fsdp_cases
 from .cases import rank_input
@@ -159,7 +159,7 @@ def test_world_two_training_resume_errors_and_stall(tmp_path):
         assert "different settings" in errors["ranks_differ"]
     # A stalled peer: rank 0's reduce-scatter fails after the state's timeout, later calls at once.
     stall = results[0]["stall"]
-    assert stall["error"] and "gradcomp.fsdp" in stall["error"] and "2 s" in stall["error"], stall
+    assert stall["error"] and "gradcomp.comm.fsdp" in stall["error"] and "2 s" in stall["error"], stall
     assert 1.5 < stall["seconds"] < 10, stall
     assert stall["later"] and "earlier collective" in stall["later"], stall
 
@@ -182,7 +182,7 @@ def test_train_loop_fsdp_bytes_and_bit_exact_resume(tmp_path):
         assert r0[name]["final_accuracy"] > 0.6, (name, r0[name]["final_accuracy"])
     none, full, res = r0["none"], r0["full"], r0["resumed"]
     assert none["bits_per_element"] == 32 and none["bytes_source"].startswith("FSDP reduce-scatter model")
-    assert full["bytes_source"].startswith("measured by gradcomp.fsdp")
+    assert full["bytes_source"].startswith("measured by gradcomp.comm.fsdp")
     assert full["bits_per_element"] < 3.0 and full["bytes_sent_per_step"] < 0.25 * none["bytes_sent_per_step"]
     assert r0["crash"] == {"crashed": True} and res["resumed_from_step"] == 14 and res["restarts"] == 1
     # FSDP has no bucket rebuild: a resumed compressed run continues bit for bit (same keys, fits,
@@ -207,7 +207,7 @@ def test_killed_peer_fails_at_once(tmp_path):
         assert procs[0].exitcode == 0
         res = torch.load(tmp_path / "dead0.pt")
         assert res.get("step") == 2 and res["seconds"] < 10, res
-        assert "gradcomp.fsdp: reduce-scatter of unit" in res["message"] and "60 s" in res["message"], res
+        assert "gradcomp.comm.fsdp: reduce-scatter of unit" in res["message"] and "60 s" in res["message"], res
     finally:
         for p in procs:
             if p.is_alive():

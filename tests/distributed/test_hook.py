@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gradcomp
-from gradcomp.collectives import expected_bytes_sent, expected_messages
+from gradcomp.comm.collectives import expected_bytes_sent, expected_messages
 
 from . import cases
 from .harness import spawn
@@ -161,7 +161,7 @@ def test_per_tensor_plans_on_mixed_scale_buckets(world, tmp_path):
     (so the test can tell them apart). Replicas stay bit-identical; FP payload sizes are exact
     (SEGMENTS layout: 12 + 8 S bytes plus each segment's FP payload); resume is bit-exact."""
     from gradcomp.codecs.segments import segments_wire_bytes, split_points
-    from gradcomp.collectives import shard_bounds
+    from gradcomp.comm.collectives import shard_bounds
 
     results = spawn(world, cases.segment_cases, tmp_path)
     xs = [cases.segment_input(r) for r in range(world)]

@@ -79,7 +79,7 @@ def test_stalled_rank_fails_the_others_within_the_timeout(mode, codec, model, tm
         assert res["last_step"] == 3, res
         assert timeout * 0.9 <= res["seconds"] < timeout + slack, res
         msg = res["error"]
-        assert msg.startswith("RuntimeError: gradcomp.train: step 4 failed on rank 0 of 2"), msg
+        assert msg.startswith("RuntimeError: gradcomp.app.train: step 4 failed on rank 0 of 2"), msg
         assert "TrainConfig.timeout=5 s" in msg and "stalled" in msg, msg
         if model == "mlp":
             assert "gradcomp: reducing bucket" in msg and "timeout, 5 s" in msg, msg  # the hook's group

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gradcomp.train import TrainConfig, train
+from gradcomp.app.train import TrainConfig, train
 
 
 class Crash(RuntimeError):
@@ -25,7 +25,7 @@ def run_config(rank: int, world: int, config: dict, crash_at: int | None = None)
 
 
 def final_checkpoint_params(path: str) -> dict:
-    from gradcomp.train import latest_checkpoint
+    from gradcomp.app.train import latest_checkpoint
 
     d = latest_checkpoint(path)
     return torch.load(d / "model.pt", weights_only=True)["model"]
@@ -53,7 +53,7 @@ def resume_disagreement(rank: int, world: int, config: dict, crash_at: int) -> d
 
     import torch.distributed as dist
 
-    from gradcomp.train import latest_checkpoint
+    from gradcomp.app.train import latest_checkpoint
 
     out = {"crash": run_config(rank, world, config, crash_at)}
     step_dir = latest_checkpoint(config["checkpoint_dir"])

@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 
 import horovod.torch as hvd  # noqa: E402
 
-from gradcomp import codecs as C  # noqa: E402
-from gradcomp.horovod import DistributedOptimizer  # noqa: E402
+from gradcomp import codecs as C# noqa: E402
+from gradcomp.comm.horovod import DistributedOptimizer  # noqa: E402
 import hvd_common  # noqa: E402
 from distributed.cases import rank_input  # noqa: E402
 

@@ -79,7 +79,7 @@ def ddp_parity(rank: int, world: int) -> dict:
 
 def horovod_parity(rank: int, world: int) -> dict:
     """The Horovod side of the parity test (call after hvd.init())."""
-    from gradcomp.horovod import DistributedOptimizer
+    from gradcomp.comm.horovod import DistributedOptimizer
 
     out = {}
     for name, codec, options in parity_runs():

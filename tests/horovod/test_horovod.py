@@ -153,7 +153,7 @@ def test_horovod_matches_ddp_hook_bit_for_bit(hvd_results, ddp_results):
 def test_run_on_ray_two_workers():
     import ray
 
-    from gradcomp.horovod import run_on_ray
+    from gradcomp.comm.horovod import run_on_ray
 
     # Defined here so that cloudpickle ships it by value (Ray workers cannot import this file).
     def _ray_job(scale: float):
@@ -161,7 +161,7 @@ def test_run_on_ray_two_workers():
         import torch
 
         from gradcomp import codecs as C
-        from gradcomp.horovod import DistributedOptimizer
+        from gradcomp.comm.horovod import DistributedOptimizer
 
         torch.set_num_threads(1)
         total = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]) * scale, op=hvd.Sum).item()

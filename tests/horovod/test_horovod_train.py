@@ -28,7 +28,7 @@ def test_horovodrun_and_launcher_match_the_ddp_hook(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(dict(CONFIG, transport="horovod")))
     out = tmp_path / "hvd.json"
-    proc = subprocess.run([str(bin_dir / "horovodrun"), "-np", "2", "--gloo", sys.executable, "-m", "gradcomp.train",
+    proc = subprocess.run([str(bin_dir / "horovodrun"), "-np", "2", "--gloo", sys.executable, "-m", "gradcomp.app.train",
                            str(cfg), "--output", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     hvd_run = json.loads(out.read_text())

@@ -11,7 +11,7 @@ import pytest
 def test_gradcomp_imports_without_horovod_and_names_the_build_script(call):
     # sys.modules[name] = None makes `import horovod` fail as if it were not installed.
     code = ("import sys; sys.modules['horovod'] = None; sys.modules['horovod.torch'] = None\n"
-            "import gradcomp, gradcomp.horovod as h, torch\n"
+            "import gradcomp, gradcomp.comm.horovod as h, torch\n"
             f"try:\n    {call}\nexcept (ImportError, ValueError) as e:\n    print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

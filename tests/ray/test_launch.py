@@ -89,7 +89,7 @@ def test_embedded_ray_fsdp_prune_fp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 8 and res["world_size"] == 2 and res["config"]["transport"] == "fsdp"
-    assert res["bytes_source"].startswith("measured by gradcomp.fsdp") and res["collective"] == "reduce_scatter"
+    assert res["bytes_source"].startswith("measured by gradcomp.comm.fsdp") and res["collective"] == "reduce_scatter"
     assert 0 < res["bits_per_element"] < 2.5 and 0 <= res["final_accuracy"] <= 1
     # under a quarter of FSDP2's fp32 reduce-scatter, (N-1)/N * 4 bytes * parameters, warm-up step included
     assert 0 < res["bytes_sent_per_step"] < 0.25 * (1 / 2) * 4 * res["parameters"]
@@ -102,7 +102,7 @@ def test_two_nodes_strict_spread_survives_a_killed_worker(tmp_path, monkeypatch)
     group restarts from the step-10 checkpoint and finishes."""
     from ray.cluster_utils import Cluster
 
-    from gradcomp.launch import main
+    from gradcomp.app.launch import main
 
     temp = tempfile.mkdtemp(prefix="gcrt-")  # short: Ray's socket paths have a length limit
     monkeypatch.setenv("RAY_TMPDIR", temp)  # every Ray file of this cluster goes there, then away

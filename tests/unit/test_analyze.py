@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from gradcomp import analyze
+from gradcomp.app import analyze
 from gradcomp.__main__ import main
 
 

@@ -8,7 +8,7 @@ part but starves the pruned small values. So the tests draw from the defensive m
 ``m = (f + x^2 f / E) / 2`` (half plain lognormal, half tilted, both truncated at ``upper``
 when given) and average ``(Q(x) - x)^2 f / (E m) = (Q(x) - x)^2 / ((E + x^2) / 2)``: exact in
 expectation, bounded variance for both parts (importance sampling). ``Q(x)`` comes from the
-real quantizer and pruner (``gradcomp.quantize``, ``gradcomp.pruning.stochastic_prune``).
+real quantizer and pruner (``gradcomp.quantize``, ``gradcomp.numerics.pruning.stochastic_prune``).
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import pytest
 import torch
 from scipy import special
 
-from gradcomp import lognormal
+from gradcomp.numerics import lognormal
 from gradcomp.codecs import FPCodec, decode_payload, read_header
 from gradcomp.codecs.base import CodecTag, ShardFit, fit_or_none
 from gradcomp.codecs.budget import BudgetCodec, BudgetPlan
-from gradcomp.error_model import fp_nmse, fp_tables, prune_fp_nmse, pruning_nmse
+from gradcomp.numerics.error_model import fp_nmse, fp_tables, prune_fp_nmse, pruning_nmse
 from gradcomp.codecs.dense import FPPlan, min_scale_exp
-from gradcomp.formats import FPFormat
-from gradcomp.pruning import stochastic_prune
-from gradcomp.quant import quantize
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.pruning import stochastic_prune
+from gradcomp.numerics.quant import quantize
 
 N_MC = 1_000_000
 

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from gradcomp import kernels
+from gradcomp.numerics import kernels
 from gradcomp.codecs import (BudgetCodec, FPCodec, PruneCodec, PruneFPCodec, TopKCodec,
                              decode_payload)
 from gradcomp.codecs.sparse import _rice_decode, _rice_encode
-from gradcomp.collectives import decode_mean
-from gradcomp.lognormal import fit
+from gradcomp.comm.collectives import decode_mean
+from gradcomp.numerics.lognormal import fit
 
 pytestmark = pytest.mark.skipif(kernels.kernel_mode() == "eager", reason="GRADCOMP_KERNELS=eager")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradcomp import kernels
+from gradcomp.numerics import kernels
 from gradcomp.codecs import BudgetCodec, FPCodec, PruneFPCodec, decode_payload, read_header
 
 F32_MAX = float(torch.finfo(torch.float32).max)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from gradcomp import FPFormat, lognormal
+from gradcomp import FPFormat
+from gradcomp.numerics import lognormal
 from gradcomp.codecs import FPCodec, HalfCodec, IdentityCodec, decode_payload, read_header
 from gradcomp.codecs.base import HEADER_BYTES, CodecTag, fit_or_none, make_header
 from gradcomp.codecs.dense import cover_max, fp_plan, min_scale_exp

@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from gradcomp import lognormal
+from gradcomp.numerics import lognormal
 from gradcomp.codecs import (PruneCodec, PruneFPCodec, PrunePlan, TopKCodec,
                              decode_payload, read_header)
 from gradcomp.codecs.base import HEADER_BYTES, CodecTag
@@ -13,7 +13,7 @@ from gradcomp.codecs.sparse import (MAX_RICE_K, PRUNE_FIXED_BYTES, TOPK_FIXED_BY
                                     prune_fp_wire_bytes, pruning_fractions, rice_expected_bits,
                                     rice_parameter, tail_fp_plan, threshold_plan_alpha,
                                     truncated_log_moments)
-from gradcomp.packing import packed_size
+from gradcomp.numerics.packing import packed_size
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BIG = 1_000_000

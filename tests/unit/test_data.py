@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from gradcomp import data
-from gradcomp.data import DATASETS, load_dataset, make_loader
+from gradcomp.app import data
+from gradcomp.app.data import DATASETS, load_dataset, make_loader
 
 
 @pytest.fixture(autouse=True)

@@ -41,7 +41,7 @@ KNOWN_TOOLS = {"ray", "python", "python3", "pip", "pip3", "bash", "sh", "tini", 
 SHELL_BUILTINS = {"cd", "exec", "export", "ulimit", "test", "[", "true", "echo", "grep", "set",
                   "chmod", "mkdir"}
 # The launcher interface agreed in the project's contracts (gradcomp-launch flags). The deploy
-# files stay within it; build_parser() of gradcomp.launch is the authority when it is importable.
+# files stay within it; build_parser() of gradcomp.app.launch is the authority when it is importable.
 CONTRACT_FLAGS = {"--workers", "--codec", "--bits", "--sparsity", "--budget-bits", "--model",
                   "--act-bits", "--dataset", "--epochs", "--address", "--transport",
                   "--gpus-per-worker", "--output", "--resume", "--help", "-h"}
@@ -226,7 +226,7 @@ def check_argv(argv: list[str], where: str, ctx: Ctx, rep: Report) -> None:
     for k, tok in enumerate(argv):
         if posixpath.basename(tok) == LAUNCHER:
             _record(rep, where, argv[k + 1:])
-        elif posixpath.basename(tok).startswith("python") and argv[k + 1:k + 3] == ["-m", "gradcomp.launch"]:
+        elif posixpath.basename(tok).startswith("python") and argv[k + 1:k + 3] == ["-m", "gradcomp.app.launch"]:
             _record(rep, where, argv[k + 3:])
     prog = argv[0]
     base = posixpath.basename(prog)
@@ -672,14 +672,14 @@ def unknown_flags(rep: Report, known: set[str]) -> list[str]:
 
 
 def launch_parser():
-    """gradcomp.launch.build_parser(), or skip when the launcher module does not exist."""
+    """gradcomp.app.launch.build_parser(), or skip when the launcher module does not exist."""
     try:
-        import gradcomp.launch as launch
+        import gradcomp.app.launch as launch
     except ModuleNotFoundError as e:
-        if e.name == "gradcomp.launch":
-            pytest.skip("gradcomp.launch is not written yet: flags were checked against the agreed list only")
+        if e.name == "gradcomp.app.launch":
+            pytest.skip("gradcomp.app.launch is not written yet: flags were checked against the agreed list only")
         raise
-    assert hasattr(launch, "build_parser"), "gradcomp.launch must expose build_parser() (contract)"
+    assert hasattr(launch, "build_parser"), "gradcomp.app.launch must expose build_parser() (contract)"
     return launch.build_parser()
 
 
@@ -838,6 +838,6 @@ def test_checker_rejects_unknown_launcher_flags(repo_copy):
 
 
 def test_checker_rejects_an_undeclared_console_script(repo_copy):
-    _edit(repo_copy, "pyproject.toml", 'gradcomp-launch = "gradcomp.launch:main"\n', "")
+    _edit(repo_copy, "pyproject.toml", 'gradcomp-launch = "gradcomp.app.launch:main"\n', "")
     problems = check_all(repo_copy).problems
     assert any("runs 'gradcomp-launch'" in p for p in problems), "\n".join(problems)

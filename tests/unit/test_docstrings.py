@@ -13,7 +13,7 @@ import gradcomp
 
 # The training application's launcher and the Ray helpers import Ray at module level; their
 # examples (if any) need a cluster. Everything else is checked.
-SKIP = {"gradcomp.launch", "gradcomp._ray_loopback", "gradcomp.integrations.lightning"}
+SKIP = {"gradcomp.app.launch", "gradcomp.app._ray_loopback", "gradcomp.integrations.lightning"}
 MODULES = sorted(m.name for m in pkgutil.walk_packages(gradcomp.__path__, "gradcomp.")
                  if m.name not in SKIP and not m.name.endswith("__main__"))
 

@@ -12,7 +12,7 @@ import sys
 EXTRA_PACKAGES = ["mnist1d", "sklearn", "tqdm", "matplotlib", "ray", "horovod", "lightning",
                   "pytorch_lightning", "accelerate", "psutil"]
 # Modules that exist only to connect to an extra and import it at the top, by design.
-NEED_AN_EXTRA = {"gradcomp._ray_loopback": "ray", "gradcomp.integrations.lightning": "lightning"}
+NEED_AN_EXTRA = {"gradcomp.app._ray_loopback": "ray", "gradcomp.integrations.lightning": "lightning"}
 
 _CHILD = r"""
 import importlib, importlib.abc, json, pkgutil, re, sys
@@ -47,8 +47,8 @@ def test_every_module_imports_with_the_extras_blocked(tmp_path):
                           text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"gradcomp.train", "gradcomp.data", "gradcomp.launch", "gradcomp.kernels",
-            "gradcomp.hook", "gradcomp.codecs"} <= set(out["names"])
+    assert {"gradcomp.app.train", "gradcomp.app.data", "gradcomp.app.launch", "gradcomp.numerics.kernels",
+            "gradcomp.comm.hook", "gradcomp.codecs"} <= set(out["names"])
     failed = {name: blocked.split(".")[0].strip("'") for name, blocked in out["failed"].items()}
     assert failed == NEED_AN_EXTRA, out["failed"]
     assert out["leaked"] == []

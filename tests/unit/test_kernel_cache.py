@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gradcomp import kernels
+from gradcomp.numerics import kernels
 
 
 def test_key_covers_every_part_and_nothing_else():

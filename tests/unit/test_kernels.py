@@ -7,10 +7,11 @@ import os
 import pytest
 import torch
 
-from gradcomp import FPFormat, kernels
-from gradcomp.packing import pack_unchecked, unpack
-from gradcomp.quant import _F32, _encode_bits, decode_table
-from gradcomp.rng import derive_key
+from gradcomp import FPFormat
+from gradcomp.numerics import kernels
+from gradcomp.numerics.packing import pack_unchecked, unpack
+from gradcomp.numerics.quant import _F32, _encode_bits, decode_table
+from gradcomp.numerics.rng import derive_key
 
 pytestmark = pytest.mark.skipif(kernels.kernel_mode() == "eager", reason="GRADCOMP_KERNELS=eager")
 

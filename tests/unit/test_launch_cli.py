@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import gradcomp.launch as launch
-from gradcomp.launch import build_parser, config_from_args, format_table, main
+import gradcomp.app.launch as launch
+from gradcomp.app.launch import build_parser, config_from_args, format_table, main
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -48,7 +48,7 @@ def test_resume_without_checkpoint_is_a_usage_error(tmp_path, capsys):
 
 def test_console_script_exit_code(tmp_path):
     # the installed entry point, in a fresh interpreter: exit status 2 and one usage message
-    proc = subprocess.run([sys.executable, "-m", "gradcomp.launch", "--codec", "gzip"],
+    proc = subprocess.run([sys.executable, "-m", "gradcomp.app.launch", "--codec", "gzip"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "invalid choice: 'gzip'" in proc.stderr and "Traceback" not in proc.stderr
@@ -90,7 +90,7 @@ def test_output_with_a_previous_run_needs_resume_or_overwrite(tmp_path, capsys):
 
 
 def test_overwrite_deletes_only_the_previous_runs_artifacts(tmp_path, monkeypatch):
-    import gradcomp.launch as launch
+    import gradcomp.app.launch as launch
 
     _previous_run(tmp_path)
     started = []

@@ -1,4 +1,4 @@
-"""gradcomp.lm (GPT byte-level decoder) and gradcomp.corpus (stdlib sources split by file)."""
+"""gradcomp.app.lm (GPT byte-level decoder) and gradcomp.app.corpus (stdlib sources split by file)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from gradcomp.corpus import SEPARATOR, fixed_batches, lm_batch, load_python_corpus, stdlib_files
-from gradcomp.lm import build_lm, lm_loss, lm_num_parameters
+from gradcomp.app.corpus import SEPARATOR, fixed_batches, lm_batch, load_python_corpus, stdlib_files
+from gradcomp.app.lm import build_lm, lm_loss, lm_num_parameters
 
 SMALL = dict(d_model=32, n_layer=2, n_head=4, context=16)
 

@@ -1,4 +1,4 @@
-"""Unit tests for gradcomp.lognormal: fit, KS, pruning threshold, FP error model and split."""
+"""Unit tests for gradcomp.numerics.lognormal: fit, KS, pruning threshold, FP error model and split."""
 
 import math
 import time
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special
 
-from gradcomp import lognormal as ln
-from gradcomp.formats import FPFormat
-from gradcomp.lognormal import (
+from gradcomp.numerics import lognormal as ln
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.lognormal import (
     KSResult,
     LognormalFit,
     SplitRow,

@@ -1,8 +1,8 @@
-"""Monte Carlo checks of gradcomp.lognormal's closed forms against sampled data.
+"""Monte Carlo checks of gradcomp.numerics.lognormal's closed forms against sampled data.
 
 * threshold_for_sparsity: apply stochastic pruning (SPEC 2.1, implemented inline here) at the
   computed threshold and measure the fraction of zeros.
-* exact_relative_error: quantize samples with the real quantizer (gradcomp.quant.quantize) at
+* exact_relative_error: quantize samples with the real quantizer (gradcomp.numerics.quant.quantize) at
   the chosen power-of-two scale and measure the mean relative error.
 All randomness comes from local torch.Generators.
 """
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from gradcomp.formats import FPFormat
-from gradcomp.lognormal import exact_relative_error, fit, scale_exponent, threshold_for_sparsity
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.lognormal import exact_relative_error, fit, scale_exponent, threshold_for_sparsity
 
 
 def lognormal_sample(n, mu, sigma, gen):
@@ -56,7 +56,7 @@ def test_threshold_from_fitted_parameters():
     assert abs((out == 0).double().mean().item() - 0.85) < 0.005
 
 
-quant = pytest.importorskip("gradcomp.quant")
+quant = pytest.importorskip("gradcomp.numerics.quant")
 
 FORMATS = [FPFormat(2, 3), FPFormat(3, 2), FPFormat(4, 3), FPFormat(5, 2), FPFormat(2, 1),
            FPFormat(3, 0)]

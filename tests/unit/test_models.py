@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradcomp.models import MODELS, build_model, num_parameters
+from gradcomp.app.models import MODELS, build_model, num_parameters
 
 SHAPES = {"resnet1d": (1, 40), "resnet2d": (1, 8, 8), "mlp": (3, 7)}
 
@@ -94,7 +94,7 @@ def test_model_trains(name, gen):
 
 
 def test_resnet2d_learns_digits():
-    from gradcomp.data import load_dataset, make_loader
+    from gradcomp.app.data import load_dataset, make_loader
 
     b = load_dataset("digits")
     m = build_model("resnet2d", input_shape=b.input_shape, num_classes=b.num_classes, width=8)

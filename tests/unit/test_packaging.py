@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gradcomp import kernels
+from gradcomp.numerics import kernels
 
 REPO = Path(__file__).resolve().parents[2]
 CSRC = sorted(p for p in (REPO / "gradcomp" / "csrc").iterdir() if p.suffix in (".cpp", ".h"))
@@ -44,12 +44,12 @@ def test_wheel_and_sdist_carry_the_kernel_sources(wheel, tmp_path):
     (sdist,) = (tmp_path / "sdist").glob("gradcomp-*.tar.gz")
     with zipfile.ZipFile(wheel) as z:
         for src in CSRC:
-            assert z.read(f"gradcomp/csrc/{src.name}") == src.read_bytes(), (wheel.name, src.name)
+            assert z.read(f"gradcomp/numerics/csrc/{src.name}") == src.read_bytes(), (wheel.name, src.name)
         assert "gradcomp/py.typed" in z.namelist()  # type checkers read the package's hints
     with tarfile.open(sdist) as t:
         root = sdist.name[: -len(".tar.gz")]
         for src in CSRC:
-            f = t.extractfile(f"{root}/gradcomp/csrc/{src.name}")
+            f = t.extractfile(f"{root}/gradcomp/numerics/csrc/{src.name}")
             assert f is not None and f.read() == src.read_bytes(), (sdist.name, src.name)
 
 
@@ -76,7 +76,7 @@ import sysconfig
 from pathlib import Path
 
 import gradcomp
-from gradcomp import kernels
+from gradcomp.numerics import kernels
 
 
 def test_gradcomp_comes_from_this_environments_site_packages():

@@ -15,12 +15,13 @@ import random
 import pytest
 import torch
 
-from gradcomp import collectives, kernels, packing
+from gradcomp.comm import collectives
+from gradcomp.numerics import kernels, packing
 from gradcomp.codecs import (HEADER_BYTES, BudgetCodec, FPCodec, HalfCodec, IdentityCodec,
                              PruneCodec, PruneFPCodec, TopKCodec, decode_payload, read_header)
 from gradcomp.codecs.sparse import sum_prune_payloads
-from gradcomp.formats import FPFormat
-from gradcomp.quant import decode_table
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.quant import decode_table
 
 NUMEL = 37  # not a multiple of 8: every bit field ends in a partial byte
 

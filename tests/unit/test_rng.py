@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gradcomp import rng
+from gradcomp.numerics import rng
 
 
 def test_golden_values():

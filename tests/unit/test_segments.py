@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from gradcomp import lognormal
+from gradcomp.numerics import lognormal
 from gradcomp.codecs import (BudgetCodec, CodecTag, FPCodec, PruneCodec, PruneFPCodec, TopKCodec,
                              decode_payload, join_segments, read_header)
 from gradcomp.codecs.base import FLAG_NONFINITE, fit_or_none
 from gradcomp.codecs.segments import segments_wire_bytes, split_points
 from gradcomp.codecs.sparse import usable_sparsity
-from gradcomp.collectives import _sum_in_rank_order, decode_mean
+from gradcomp.comm.collectives import _sum_in_rank_order, decode_mean
 
 
 
@@ -159,7 +159,7 @@ def _zero_share(codec, x, plan, key=1):
 
 def test_the_fit_sample_sets_the_threshold_where_the_lognormal_misses():
     """Gaussian gradients are not lognormal: the closed form misses the sparsity, the sample hits it."""
-    from gradcomp.lognormal import LognormalFit
+    from gradcomp.numerics.lognormal import LognormalFit
 
     x = _gauss(200_000, 1)
     fit = fit_or_none(x)

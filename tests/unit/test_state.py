@@ -7,7 +7,7 @@ import torch
 
 import gradcomp
 from gradcomp.codecs import FPCodec, HalfCodec, IdentityCodec, PruneFPCodec, TopKCodec
-from gradcomp.collectives import choose_collective, expected_bytes_sent, expected_messages, shard_bounds
+from gradcomp.comm.collectives import choose_collective, expected_bytes_sent, expected_messages, shard_bounds
 
 
 @pytest.mark.parametrize("kwargs,msg", [

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gradcomp.train import TrainConfig, latest_checkpoint, train
+from gradcomp.app.train import TrainConfig, latest_checkpoint, train
 
 SMALL = dict(model="resnet2d", dataset="digits", width=8, batch_size=32, epochs=2, lr=0.2, progress=False)
 
@@ -98,7 +98,7 @@ def test_torchrun_two_ranks(tmp_path):
     cfg.write_text(json.dumps(dict(SMALL, codec="fp", bits=6, epochs=1, max_steps=10)))
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "gradcomp.train", str(cfg), "--output", str(out)],
+                           "-m", "gradcomp.app.train", str(cfg), "--output", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -109,6 +109,6 @@ def test_torchrun_two_ranks(tmp_path):
 def test_cli_rejects_bad_config_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": "resnet1d", "bits": 99}))
-    proc = subprocess.run([sys.executable, "-m", "gradcomp.train", str(bad)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "gradcomp.app.train", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "TrainConfig.bits must be an int in 2..16" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -27,7 +27,7 @@ COMP = dict(codec="fp", bits=6, error_feedback="worker")
 def _new_state(cfg):
     """The CompressionState train() registers for ``cfg`` (here: without DDP, one process)."""
     from gradcomp import CompressionState
-    from gradcomp.train import _error_feedback, build_codec
+    from gradcomp.app.train import _error_feedback, build_codec
 
     return CompressionState(build_codec(cfg), error_feedback=_error_feedback(cfg), warmup_steps=cfg.warmup_steps,
                             refit_every=cfg.refit_every, seed=cfg.seed, collective=cfg.collective,
@@ -36,8 +36,8 @@ def _new_state(cfg):
 
 def make_checkpoint(root: Path) -> Path:
     """Train 3 steps with a checkpoint, then add a compression-rank0.pt with residuals and fits."""
-    from gradcomp.train import TrainConfig, build_model, latest_checkpoint, train
-    from gradcomp import data
+    from gradcomp.app.train import TrainConfig, build_model, latest_checkpoint, train
+    from gradcomp.app import data
 
     train(TrainConfig(**SMALL, checkpoint_dir=str(root)))
     step_dir = latest_checkpoint(root)
@@ -278,8 +278,8 @@ def _snapshot(root: Path) -> dict:
 
 def run_case(tmp_path: Path, kind: str, tamper):
     """Damage a fresh checkpoint, resume; return (exception or None, file that should be named, root)."""
-    from gradcomp.train import TrainConfig, _Dist, _Hook, build_model, load_checkpoint, train, _optimizer
-    from gradcomp import data
+    from gradcomp.app.train import TrainConfig, _Dist, _Hook, build_model, load_checkpoint, train, _optimizer
+    from gradcomp.app import data
 
     root = tmp_path / "ck"
     step_dir = make_checkpoint(root)
@@ -307,7 +307,7 @@ def run_case(tmp_path: Path, kind: str, tamper):
 @pytest.mark.parametrize("kind, name, tamper", [("main", *c) for c in MAIN_CASES] + [("comp", *c) for c in COMP_CASES],
                          ids=[c[0] for c in MAIN_CASES + COMP_CASES])
 def test_damaged_checkpoint_gives_one_clear_error(kind, name, tamper, tmp_path):
-    from gradcomp.train import CheckpointError
+    from gradcomp.app.train import CheckpointError
 
     err, named, before, after = run_case(tmp_path, kind, tamper)
     assert err is not None, f"{name}: accepted silently"

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gradcomp.train import TrainConfig, build_model
+from gradcomp.app.train import TrainConfig, build_model
 
 # build_model reads only these two fields of a DatasetBundle: no data set is generated here.
 BUNDLE = SimpleNamespace(input_shape=(1, 40), num_classes=10)

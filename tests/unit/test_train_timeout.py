@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gradcomp.train import TrainConfig, _Hook
+from gradcomp.app.train import TrainConfig, _Hook
 
 
 def test_timeout_default_and_validation():
@@ -36,7 +36,7 @@ def test_owned_group_is_created_with_the_timeout(monkeypatch):
     """Under the env:// contract train() calls init_process_group(timeout=config.timeout)."""
     import torch.distributed as dist
 
-    from gradcomp import train as T
+    from gradcomp.app import train as T
 
     seen = {}
 

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from .codecs import Codec
-from .codecs.base import ShardFit, fit_or_none
-from .codecs.segments import join_segments, segments_wire_bytes, split_points
-from .rng import derive_key
+from gradcomp.codecs import Codec
+from gradcomp.codecs.base import ShardFit, fit_or_none
+from gradcomp.codecs.segments import join_segments, segments_wire_bytes, split_points
+from gradcomp.numerics.rng import derive_key
 
 # Parts of a shard smaller than this (tiny tensors: a classifier's bias) share one segment.
 MIN_SEGMENT_NUMEL = 64

@@ -17,7 +17,7 @@ What happens to one gradient bucket (``bucket.buffer()``, averaged in place):
    SEGMENTS payload (:mod:`gradcomp.codecs.segments`): the tensors of a bucket differ in scale
    by orders of magnitude, and one plan per shard lets the largest set the scale and the
    threshold for all. Runs of parts under ``MIN_SEGMENT_NUMEL`` elements share one segment.
-4. The collective (:mod:`gradcomp.collectives`: two-phase, all-gather or all-reduce) runs on the
+4. The collective (:mod:`gradcomp.comm.collectives`: two-phase, all-gather or all-reduce) runs on the
    state's worker thread, so backward keeps computing while buckets cross the network. One
    thread per state runs the buckets first-in first-out: DDP hands buckets over in the same
    order on every rank, so every rank issues the same collectives in the same order.
@@ -54,8 +54,9 @@ recorded on the caller's current stream at ``submit()``, runs on a side stream, 
 the future with that stream current, so DDP's consumers synchronise with it.
 
 Random draws use keys ``derive_key(seed, step, bucket_index, rank, shard, phase)``
-(:func:`gradcomp.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode; segment ``s``
-of a SEGMENTS payload uses ``derive_key(that key, 3, s)``), never the global RNG, so a run is reproducible and a resumed run continues exactly.
+(:func:`gradcomp.numerics.rng.derive_key`, phase 1 = worker encode, 2 = reduce-side encode;
+segment ``s`` of a SEGMENTS payload uses ``derive_key(that key, 3, s)``), never the global RNG,
+so a run is reproducible and a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -70,14 +71,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import kernels
-from .codecs import Codec, decode_payload
-from .collectives import (allgather_mean, allreduce_mean, as_transport, choose_collective, shard_bounds,
-                          two_phase_mean)
-from .codecs.dense import IdentityCodec
-from .feedback import ErrorFeedbackMemory
-from .plans import PlanCache
-from .rng import derive_key
+from gradcomp.codecs import Codec, decode_payload
+from gradcomp.codecs.dense import IdentityCodec
+from gradcomp.comm.collectives import (
+    allgather_mean,
+    allreduce_mean,
+    as_transport,
+    choose_collective,
+    shard_bounds,
+    two_phase_mean,
+)
+from gradcomp.comm.feedback import ErrorFeedbackMemory
+from gradcomp.comm.plans import PlanCache
+from gradcomp.numerics import kernels
+from gradcomp.numerics.rng import derive_key
 
 ERROR_FEEDBACK = (False, True, "worker", "reduce")
 STATE_VERSION = 2
@@ -203,7 +210,7 @@ class CompressionState:
             30 minutes for gloo, 10 for NCCL). A killed peer is noticed sooner by gloo.
 
     Constructing a state builds (first time, about a minute) or loads the native codec kernels
-    (:mod:`gradcomp.kernels`), so no training step waits for a compiler. Invalid settings raise
+    (:mod:`gradcomp.numerics.kernels`), so no training step waits for a compiler. Invalid settings raise
     ``ValueError`` here, never mid-training. The state pickles without its process group and
     worker thread (like torch's PowerSGD state); ``state_dict()`` holds only tensors and
     numbers (``torch.load(weights_only=True)`` reads it).
@@ -227,7 +234,8 @@ class CompressionState:
             raise ValueError(f"codec must be a gradcomp.codecs.Codec, got {type(codec).__name__}")
         if reduce_codec is not None and not isinstance(reduce_codec, Codec):
             raise ValueError(f"reduce_codec must be a Codec or None, got {type(reduce_codec).__name__}")
-        if error_feedback not in ERROR_FEEDBACK or isinstance(error_feedback, int) and not isinstance(error_feedback, bool):
+        if error_feedback not in ERROR_FEEDBACK or (isinstance(error_feedback, int)
+                                                    and not isinstance(error_feedback, bool)):
             raise ValueError(f"error_feedback must be one of {ERROR_FEEDBACK}, got {error_feedback!r}")
         self.codec = codec
         self.reduce_codec = reduce_codec if reduce_codec is not None else codec.reduce_codec()
@@ -452,7 +460,8 @@ class CompressionState:
     def _timeout_text(self) -> str:
         t = self._comm_timeout
         where = "CompressionState(timeout=...)" if self.timeout is not None else \
-            "that of the DDP process group; set it with CompressionState(timeout=...) or init_process_group(timeout=...)"
+            ("that of the DDP process group; set it with CompressionState(timeout=...) or "
+             "init_process_group(timeout=...)")
         return f"{t.total_seconds():g} s, {where}" if t is not None else where
 
     def _reduce_step(self, buffer, index, step, last, layout) -> None:
@@ -524,7 +533,8 @@ class CompressionState:
             info = {"numel": numel, "collective": collective, "bytes_sent": rs.bytes_sent,
                     "payload_bytes": rs.payload_bytes, "messages": rs.messages}
             if compressed:
-                info["phase1"] = self.plans.describe(self.codec, (index, 1, self.rank if collective == "two_phase" else 0))
+                shard = self.rank if collective == "two_phase" else 0
+                info["phase1"] = self.plans.describe(self.codec, (index, 1, shard))
                 if collective == "two_phase":
                     info["phase2"] = self.plans.describe(self.reduce_codec, (index, 2, self.rank))
                     info["reduce_payload_bytes"] = rs.reduce_payload_bytes
@@ -536,12 +546,14 @@ class CompressionState:
         """Cumulative wire statistics of this rank.
 
         ``nonfinite_steps``: compressed steps whose result carried inf or NaN (GradScaler
-        skips them; their residuals were discarded); ``bytes_sent``: bytes this rank handed to collectives for other ranks; ``messages``:
-        the nominal messages it sent (``N-1`` per round, size exchanges included: each costs a
-        few hundred bytes of framing on a real link); ``dense_bytes``:
-        what an fp32 ring all-reduce would have sent; ``bits_per_element``: phase-1 payload bits
-        per gradient element over compressed steps, headers included; ``steps``; ``buckets``:
-        per bucket the collective and the chosen format, sparsity and threshold.
+        skips them; their residuals were discarded); ``bytes_sent``: bytes this rank handed to
+        collectives for other ranks; ``messages``: the nominal messages it sent (``N-1`` per
+        round, size exchanges included: each costs a few hundred bytes of framing on a real
+        link); ``dense_bytes``: what an fp32 ring all-reduce would have sent;
+        ``bits_per_element``: phase-1 payload bits per gradient element over compressed steps,
+        headers included; ``steps``; ``buckets``: per bucket the collective and the chosen
+        format, sparsity and threshold (with per-tensor plans: the first segment's, plus the
+        segment count and every segment's format).
         """
         with self._lock:
             st = self._stats
@@ -571,7 +583,8 @@ class CompressionState:
         residuals = self.memory.by_parameter(set(self._param_keys.values()))
         if self.worker_feedback and self.memory.residuals and not self._param_keys:
             warnings.warn("gradcomp: error-feedback residuals are not saved because the state does "
-                          "not know the model's parameters; use gradcomp.register() or bind_model()")
+                          "not know the model's parameters; use gradcomp.register() or bind_model()",
+                          stacklevel=2)
         fits = self.plans.state_dict()
         reduce_res = {int(b): t.clone() for b, ((_, _), t) in self.memory.reduce_residuals.items()}
         st = self._stats
@@ -582,7 +595,8 @@ class CompressionState:
             "fits": fits,
             "residuals": residuals,
             "reduce_residuals": reduce_res,
-            "reduce_residual_layouts": {int(b): list(layout) for b, (layout, _) in self.memory.reduce_residuals.items()},
+            "reduce_residual_layouts": {int(b): list(layout)
+                                        for b, (layout, _) in self.memory.reduce_residuals.items()},
             "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
                       "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
                       "messages": st.messages, "nonfinite_steps": st.nonfinite_steps},

@@ -1,10 +1,10 @@
 """Native fast paths for FP encode+pack and unpack+decode, with the eager path as reference.
 
-``gradcomp/csrc/`` holds the C++ kernels (float32 input, CPU, parallel on torch's intra-op
+``gradcomp/numerics/csrc/`` holds the C++ kernels (float32 input, CPU, parallel on torch's intra-op
 threads):
 
-* ``fpcodec.cpp``: the integer algorithm of :mod:`gradcomp.quant` and the bit layout of
-  :mod:`gradcomp.packing` fused into one pass over memory (encode+pack, unpack+decode), and the
+* ``fpcodec.cpp``: the integer algorithm of :mod:`gradcomp.numerics.quant` and the bit layout of
+  :mod:`gradcomp.numerics.packing` fused into one pass over memory (encode+pack, unpack+decode), and the
   fused decode-sum-divide of N payloads that ends every compressed all-reduce;
 * ``sparse.cpp``: stochastic pruning fused with the compaction of the sparse codecs, and the
   Rice coding of positions (:mod:`gradcomp.codecs.sparse`).
@@ -56,7 +56,7 @@ from types import ModuleType
 
 import torch
 
-from .formats import FPFormat
+from gradcomp.numerics.formats import FPFormat
 
 MODES = ("auto", "native", "eager")
 _CSRC = Path(__file__).parent / "csrc"
@@ -272,7 +272,7 @@ def encode_pack_with_stats(x: torch.Tensor, fmt: FPFormat, stochastic: bool, key
 
 
 def _check_packed(packed: torch.Tensor, bits: int, numel: int) -> None:
-    """``ValueError`` (the message of :func:`gradcomp.packing.unpack`) unless ``packed`` holds
+    """``ValueError`` (the message of :func:`gradcomp.numerics.packing.unpack`) unless ``packed`` holds
     exactly ``ceil(numel * bits / 8)`` bytes: checked before a kernel reads it."""
     expected = (numel * bits + 7) // 8
     if packed.numel() != expected:
@@ -283,7 +283,7 @@ def unpack_decode(packed: torch.Tensor, table: torch.Tensor, bits: int, out: tor
     """Decode ``packed`` through the float32 ``table`` into contiguous float32 CPU ``out``.
 
     ``packed`` must hold exactly the bytes of ``out.numel()`` codes (else ``ValueError``, the
-    eager :func:`gradcomp.packing.unpack`'s message)."""
+    eager :func:`gradcomp.numerics.packing.unpack`'s message)."""
     mod = _native_unless(packed.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32)
     if mod is None:
         return False
@@ -299,7 +299,7 @@ def decode_mean(packed: list[torch.Tensor], tables: list[torch.Tensor], bits: li
     Sums left to right and divides in float32, as the eager decode, ``add_`` and ``div_`` do,
     in one pass over ``out``; ``False`` (nothing written) when the native path does not apply.
     Each ``packed[i]`` must hold exactly the bytes of ``out.numel()`` codes of ``bits[i]`` bits
-    (else ``ValueError``, as :func:`gradcomp.packing.unpack` raises eagerly).
+    (else ``ValueError``, as :func:`gradcomp.numerics.packing.unpack` raises eagerly).
     """
     mod = _native_unless(out.device.type != "cpu" or not out.is_contiguous() or out.dtype != torch.float32
                          or any(p.device.type != "cpu" for p in packed))
@@ -318,7 +318,7 @@ def prune_select(x: torch.Tensor, alpha: float, key: int):
     """Stochastically prune float32 CPU ``x`` at ``alpha`` (uniforms of ``key``) and compact it.
 
     Returns ``(positions int32, kept values float32, packed kept flags, packed signs, max finite
-    |kept|, any non-finite input)`` -- what :func:`gradcomp.pruning.stochastic_prune` followed by
+    |kept|, any non-finite input)`` -- what :func:`gradcomp.numerics.pruning.stochastic_prune` followed by
     the sparse encoder's compaction gives, bit for bit -- or ``None`` if not applicable.
     """
     mod = _native_unless(not _applies(x) or x.numel() >= 2**31)

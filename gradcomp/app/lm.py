@@ -11,7 +11,7 @@ next-token cross-entropy in nats.
 Parameters: ``vocab*d + context*d + n_layer*(12*d*d + 13*d) + 2*d`` (:func:`lm_num_parameters`);
 the default :func:`build_lm` (d 256, 7 layers, context 128, vocab 256) has 5,627,136.
 
-Initialization is explicit and seeded, as in :mod:`gradcomp.models`: normal(0, 0.02) for
+Initialization is explicit and seeded, as in :mod:`gradcomp.app.models`: normal(0, 0.02) for
 embeddings and linear weights, the two residual output projections of each block
 normal(0, 0.02 / sqrt(2 * n_layer)) (GPT-2), zero biases, LayerNorm (1, 0), all drawn from a
 ``torch.Generator`` seeded from ``seed`` on a model allocated on the meta device: the same seed
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rng import derive_key
+from gradcomp.numerics.rng import derive_key
 
 __all__ = ["GPT", "Block", "build_lm", "lm_loss", "lm_num_parameters"]
 

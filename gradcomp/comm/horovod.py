@@ -3,12 +3,12 @@
 Horovod's own ``DistributedOptimizer(compression=...)`` all-reduces the compressed tensor, so it
 can only carry summable formats (fp16); packed sub-byte payloads cannot be added by any
 all-reduce. :class:`DistributedOptimizer` here sends gradcomp's payloads instead: the same
-encoded bytes as the DDP hook (:mod:`gradcomp.hook`), through ``hvd.alltoall`` (phase 1 of the
+encoded bytes as the DDP hook (:mod:`gradcomp.comm.hook`), through ``hvd.alltoall`` (phase 1 of the
 two-phase all-reduce) and ``hvd.allgather`` (the all-gather collective and phase 2), or
-``hvd.allreduce`` for summable codecs, chosen by :func:`gradcomp.collectives.choose_collective`.
+``hvd.allreduce`` for summable codecs, chosen by :func:`gradcomp.comm.collectives.choose_collective`.
 
-Nothing is duplicated: :class:`HorovodTransport` implements :class:`gradcomp.collectives.Transport`
-and the hook's :class:`~gradcomp.hook.CompressionState` runs on it, so error feedback, lognormal
+Nothing is duplicated: :class:`HorovodTransport` implements :class:`gradcomp.comm.collectives.Transport`
+and the hook's :class:`~gradcomp.comm.hook.CompressionState` runs on it, so error feedback, lognormal
 refits, random keys ``derive_key(seed, step, bucket, rank, shard, phase)``, statistics and
 checkpoints behave exactly as under DDP. Horovod has no buckets, so the optimizer flattens the
 gradients into buckets the way DDP does (one bucket of all parameters in model order for the
@@ -20,7 +20,7 @@ Example (``horovodrun -np 4 --gloo python train.py``)::
 
     import horovod.torch as hvd
     from gradcomp.codecs import PruneFPCodec
-    from gradcomp.horovod import DistributedOptimizer
+    from gradcomp.comm.horovod import DistributedOptimizer
 
     hvd.init()
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 
-from .codecs import Codec
-from .codecs.dense import IdentityCodec
-from .collectives import ExchangeResult, Transport, choose_collective
-from .hook import CompressionState
+from gradcomp.codecs import Codec
+from gradcomp.codecs.dense import IdentityCodec
+from gradcomp.comm.collectives import ExchangeResult, Transport, choose_collective
+from gradcomp.comm.hook import CompressionState
 
 BUILD_HINT = ("Build it into the venv with `bash launch/build_horovod.sh` (Horovod 0.28.1 with "
               "PyTorch + Gloo, patched for C++17; about 4 minutes).")
@@ -62,14 +62,14 @@ def _import_hvd():
     try:
         import horovod.torch as hvd
     except ImportError as exc:
-        raise ImportError(f"gradcomp.horovod needs horovod.torch, which does not import ({exc}). "
+        raise ImportError(f"gradcomp.comm.horovod needs horovod.torch, which does not import ({exc}). "
                           + BUILD_HINT) from exc
     return hvd
 
 
 # ---------------------------------------------------------------------------------- transport
 class HorovodTransport(Transport):
-    """:class:`gradcomp.collectives.Transport` over Horovod (``hvd.init()`` first).
+    """:class:`gradcomp.comm.collectives.Transport` over Horovod (``hvd.init()`` first).
 
     ``all_to_all`` is one ``hvd.alltoall`` with uneven splits (Horovod exchanges the split sizes
     itself); ``all_gather`` is ``hvd.allgather`` of the payloads (preceded by an all-gather of
@@ -140,7 +140,7 @@ class HorovodTransport(Transport):
 
 
 class HorovodCompressionState(CompressionState):
-    """:class:`gradcomp.hook.CompressionState` whose collectives run on a :class:`HorovodTransport`.
+    """:class:`gradcomp.comm.hook.CompressionState` whose collectives run on a :class:`HorovodTransport`.
 
     Takes the same options as the DDP hook's state, except ``process_group``. Built by
     :class:`DistributedOptimizer`; use it directly to reduce your own buckets with
@@ -255,7 +255,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         bucket_cap_mb: bucket size as DDP's ``bucket_cap_mb``; ``None`` means DDP's default
             (25 MiB, first bucket 1 MiB).
         process_set: a Horovod process set (default: all ranks).
-        **options: :class:`gradcomp.hook.CompressionState` options: ``error_feedback``,
+        **options: :class:`gradcomp.comm.hook.CompressionState` options: ``error_feedback``,
             ``warmup_steps``, ``refit_every``, ``seed``, ``collective``, ``reduce_codec``.
 
     Call ``hvd.init()`` first and broadcast the initial parameters
@@ -427,7 +427,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ compression state
     @property
     def compression(self) -> HorovodCompressionState:
-        """The :class:`~gradcomp.hook.CompressionState` doing the reduction."""
+        """The :class:`~gradcomp.comm.hook.CompressionState` doing the reduction."""
         return self._state
 
     def stats(self) -> dict:

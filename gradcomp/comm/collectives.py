@@ -39,7 +39,7 @@ Transports: the algorithms move bytes only through a :class:`Transport` (an unev
 an all-gather of per-rank payloads, an in-place sum all-reduce). The ``group`` argument of the
 functions below is either a ``torch.distributed`` process group (or ``None`` for the default
 group: :class:`TorchTransport`, the DDP hook's path) or a :class:`Transport` instance, such as
-:class:`gradcomp.horovod.HorovodTransport`, so the same payloads cross Horovod's
+:class:`gradcomp.comm.horovod.HorovodTransport`, so the same payloads cross Horovod's
 ``alltoall``/``allgather`` without a second copy of the algorithms.
 """
 
@@ -51,13 +51,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import kernels
-from .codecs import HEADER_BYTES, Codec, CodecTag, HalfCodec, decode_payload, read_header
-from .codecs.base import FLAG_NONFINITE
-from .codecs.segments import split_segments
-from .codecs.sparse import sum_prune_payloads
-from .packing import packed_size
-from .quant import decode_table
+from gradcomp.codecs import HEADER_BYTES, Codec, CodecTag, HalfCodec, decode_payload, read_header
+from gradcomp.codecs.base import FLAG_NONFINITE
+from gradcomp.codecs.segments import split_segments
+from gradcomp.codecs.sparse import sum_prune_payloads
+from gradcomp.numerics import kernels
+from gradcomp.numerics.packing import packed_size
+from gradcomp.numerics.quant import decode_table
 
 COLLECTIVES = ("auto", "two_phase", "allgather", "allreduce")
 

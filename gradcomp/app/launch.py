@@ -1,11 +1,11 @@
 """Launch compressed training on a Ray cluster: ``gradcomp-launch``.
 
 Starts an embedded local Ray (the default) or connects to an existing cluster (``--address``),
-runs :func:`gradcomp.train.train` in ``--workers`` Ray Train workers (``TorchTrainer``: gloo on
+runs :func:`gradcomp.app.train.train` in ``--workers`` Ray Train workers (``TorchTrainer``: gloo on
 CPU, NCCL on GPU; the hook is registered inside the train function, and not at all with one
 worker) or, with ``--transport horovod``, in Horovod workers (``horovod.ray.RayExecutor``);
 ``--strategy fsdp`` (an alias of ``--transport``) shards the model with FSDP2 in the Ray Train
-workers and compresses its reduce-scatter (:mod:`gradcomp.fsdp`). It prints a results table
+workers and compresses its reduce-scatter (:mod:`gradcomp.comm.fsdp`). It prints a results table
 and writes ``OUTPUT/results.json``.
 
 Fault tolerance: checkpoints every ``--checkpoint-every`` steps and at each epoch end (model,
@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from .train import CODECS, TRANSPORTS, TrainConfig
+from gradcomp.app.train import CODECS, TRANSPORTS, TrainConfig
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -118,7 +118,7 @@ def _positive_seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``gradcomp-launch`` argument parser."""
-    from . import data, models
+    from gradcomp.app import data, models
 
     p = argparse.ArgumentParser(
         prog="gradcomp-launch",
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="existing Ray cluster (host:port, 'auto' or ray://...); default: start an embedded local Ray")
     g.add_argument("--transport", "--strategy", dest="transport", choices=TRANSPORTS, default="ddp",
                    help="ddp: DDP hooks; horovod: Horovod alltoall/allgather; fsdp: FSDP2 fully_shard with "
-                        "gradcomp's compressed reduce-scatter (gradcomp.fsdp)")
+                        "gradcomp's compressed reduce-scatter (gradcomp.comm.fsdp)")
     g.add_argument("--cpus-per-worker", type=_positive_int, default=1)
     g.add_argument("--gpus-per-worker", type=_nonneg_int, default=0, help="0: CPU and gloo; >= 1: CUDA and NCCL")
     g.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), default="PACK",
@@ -234,8 +234,8 @@ def preflight(args: argparse.Namespace, output: Path) -> TrainConfig:
     the options, fewer samples than one batch per worker, an ``--output`` that cannot be
     written, a placement the embedded (single-node) Ray cannot satisfy.
     """
-    from . import data
-    from .train import build_codec, build_model
+    from gradcomp.app import data
+    from gradcomp.app.train import build_codec, build_model
 
     try:
         config = config_from_args(args, output)
@@ -244,7 +244,7 @@ def preflight(args: argparse.Namespace, output: Path) -> TrainConfig:
     try:
         codec = build_codec(config)
         if codec is not None and config.transport == "ddp":
-            from .hook import choose_collective
+            from gradcomp.comm.hook import choose_collective
 
             choose_collective(config.collective, codec, max(args.workers, 2))
     except (ValueError, TypeError) as e:
@@ -407,7 +407,7 @@ def _choose_resume(ray_dir: str | None, checkpoint_dir: str | None, rank: int, w
     """
     import torch.distributed as dist
 
-    from .train import latest_checkpoint
+    from gradcomp.app.train import latest_checkpoint
 
     ours = None
     if checkpoint_dir is not None:
@@ -465,7 +465,7 @@ def _ray_worker(payload: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from .train import train
+    from gradcomp.app.train import train
 
     config = TrainConfig.from_dict(payload["config"])
     ctx = ray.train.get_context()
@@ -521,7 +521,7 @@ def _ray_worker(payload: dict) -> None:
 
 
 def _horovod_worker(payload: dict) -> dict:
-    from .train import train
+    from gradcomp.app.train import train
 
     return train(TrainConfig.from_dict(payload["config"]), progress_stream=_ProgressRelay())
 
@@ -900,7 +900,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
     ``KeyboardInterrupt`` (Ctrl-C) propagates after Ray is shut down and the embedded Ray's
     processes and temporary directory are gone.
     """
-    from .env import environment
+    from gradcomp.app.env import environment
 
     config = config_from_args(args, output)
     output.mkdir(parents=True, exist_ok=True)
@@ -914,7 +914,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
     if not args.address:
         # Build (or load) the native kernels here, where the one-time build message reaches the
         # terminal; the workers on this machine then load the cached build.
-        from . import kernels
+        from gradcomp.numerics import kernels
 
         kernels.warmup()
     t0 = time.perf_counter()
@@ -927,7 +927,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
             ray_output.attach()
             payload = {"config": config.to_dict(), "inject_fault": args.inject_fault, "scratch_dir": temp_root}
             if args.transport == "horovod":
-                from .horovod import run_on_ray
+                from gradcomp.comm.horovod import run_on_ray
 
                 results = run_on_ray(_horovod_worker, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                                      use_gpu=bool(args.gpus_per_worker), args=(payload,))
@@ -954,7 +954,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
                 if args.address:
                     torch_config = TorchConfig(timeout_s=timeout_s)
                 else:
-                    from ._ray_loopback import LoopbackTorchConfig
+                    from gradcomp.app._ray_loopback import LoopbackTorchConfig
 
                     torch_config = LoopbackTorchConfig(timeout_s=timeout_s)
                 trainer = TorchTrainer(_ray_worker, train_loop_config=payload, scaling_config=scaling,
@@ -1060,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--gpus-per-worker needs CUDA, and torch sees no GPU here")
     if args.transport == "horovod":
         try:
-            from .horovod import _import_hvd
+            from gradcomp.comm.horovod import _import_hvd
 
             _import_hvd()
         except ImportError as e:

@@ -36,7 +36,7 @@ import math
 import torch
 from torch import nn
 
-from .rng import derive_key
+from gradcomp.numerics.rng import derive_key
 
 __all__ = ["MODELS", "ResNet", "PreActBlock", "MLP", "build_model", "num_parameters"]
 
@@ -219,7 +219,7 @@ def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, wi
     _init_(model, torch.Generator().manual_seed(derive_key(seed, _INIT_STREAM)))
 
     if act_bits is not None:
-        from .nn import convert_st  # imported here: only the ST variant needs it
+        from gradcomp.nn import convert_st  # imported here: only the ST variant needs it
 
         # ST's default initialization uses no RNG (DCT attention weights, fixed initial step),
         # so the converted model is as deterministic as the base model.

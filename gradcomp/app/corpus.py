@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rng import derive_key
+from gradcomp.numerics.rng import derive_key
 
 __all__ = ["TextCorpus", "SEPARATOR", "VOCAB_SIZE", "load_python_corpus", "lm_batch", "fixed_batches",
            "stdlib_files"]

@@ -12,7 +12,7 @@ layer (every ``Conv1d``/``Conv2d``/``Linear``, in module order):
   table (``in_table: false``).
 
 For each sample it computes the seed's Kolmogorov-Smirnov comparison
-(:func:`gradcomp.lognormal.ks_statistic`): Normal fitted to ``g`` vs Lognormal fitted to
+(:func:`gradcomp.numerics.lognormal.ks_statistic`): Normal fitted to ``g`` vs Lognormal fitted to
 ``|g|`` (equivalently ``ln|g|`` vs a fitted Normal, nonzero entries only), and reports the KS
 statistic as mean +- std over layers x checkpoints with the median p-value, weight and neural
 gradients side by side. Parameters are estimated from the tested data, so the p-values are
@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lognormal
-from .data import DATASETS, load_dataset, make_loader
-from .models import MODELS, build_model, num_parameters
-from .rng import derive_key
+from gradcomp.app.data import DATASETS, load_dataset, make_loader
+from gradcomp.app.models import MODELS, build_model, num_parameters
+from gradcomp.numerics import lognormal
+from gradcomp.numerics.rng import derive_key
 
 __all__ = ["AnalyzeConfig", "KINDS", "analyze", "prepare", "run", "markdown", "plot_histograms",
            "add_arguments", "main"]
@@ -136,7 +136,7 @@ def prepare(config: AnalyzeConfig):
 def _target_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv/Linear layers in module order, except those inside an ST block's own bottleneck."""
     try:
-        from .nn import SqueezeThreshold
+        from gradcomp.nn import SqueezeThreshold
     except ImportError:  # ST not available: no such blocks to skip
         SqueezeThreshold = ()  # noqa: N806
     skip = [n for n, m in model.named_modules() if SqueezeThreshold and isinstance(m, SqueezeThreshold)]
@@ -258,7 +258,7 @@ def run(config: AnalyzeConfig, bundle, model: nn.Module, *, log=None) -> tuple[d
     per_checkpoint = {str(s): {kind: _aggregate([r for r in records if r["kind"] == kind and r["in_table"]
                                                  and r["step"] == s]) for kind in KINDS}
                       for s in sorted(ckpts)}
-    from .env import environment
+    from gradcomp.app.env import environment
 
     head = max(1, min(10, len(losses) // 10))
     result = {

@@ -6,7 +6,7 @@ With threshold ``alpha`` and ``eps ~ U(0, 1)`` drawn per element::
          = sign(x) * alpha   if alpha * eps <= |x| <= alpha
          = 0                 otherwise
 
-so ``E[T(x)] = x``. The uniforms come from :mod:`gradcomp.rng` (24-bit, centred), so the keep
+so ``E[T(x)] = x``. The uniforms come from :mod:`gradcomp.numerics.rng` (24-bit, centred), so the keep
 probability ``|x| / alpha`` is exact to within ``2**-24``.
 """
 
@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from . import lognormal
-from .rng import resolve_key, uniform
+from gradcomp.numerics import lognormal
+from gradcomp.numerics.rng import resolve_key, uniform
 
 
 def _check_alpha(alpha: float) -> float:

@@ -41,8 +41,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import special
 
-from . import lognormal
-from .formats import FPFormat
+from gradcomp.numerics import lognormal
+from gradcomp.numerics.formats import FPFormat
 
 __all__ = ["MIN_SIGMA", "fp_nmse", "fp_tables", "log_top_of", "prune_fp_nmse", "pruning_nmse", "pruning_nmse_z"]
 
@@ -173,7 +173,8 @@ def pruning_nmse(alpha, mu: float, sigma: float, upper: float = math.inf):
     """Return the NMSE that stochastic pruning at threshold ``alpha`` adds, for lognormal ``|x|``.
 
     ``E[(T(x) - x)^2] / E[x^2]`` with ``T`` the unbiased stochastic pruning of
-    :mod:`gradcomp.pruning` and ``|x| ~ Lognormal(mu, sigma)`` (natural log). An entry with ``|x| <= alpha`` becomes
+    :mod:`gradcomp.numerics.pruning` and ``|x| ~ Lognormal(mu, sigma)`` (natural log). An entry
+    with ``|x| <= alpha`` becomes
     ``sign(x) alpha`` with probability ``|x|/alpha``, else 0: variance ``|x| (alpha - |x|)``;
     entries above ``alpha`` are untouched. In closed form (``z = ln alpha - mu``)::
 
@@ -491,7 +492,7 @@ def fp_nmse(fmt: FPFormat, mu: float, sigma: float, scale_exp: int, rounding: st
         True
     """
     if not isinstance(fmt, FPFormat):
-        raise ValueError(f"fmt must be a gradcomp.formats.FPFormat, got {type(fmt).__name__}")
+        raise ValueError(f"fmt must be a gradcomp.numerics.formats.FPFormat, got {type(fmt).__name__}")
     mu = _real(mu, "mu")
     s = _sigma(sigma)
     rounding = _rounding(rounding)

@@ -3,7 +3,7 @@
 Usage::
 
     fully_shard(block) for each block; fully_shard(model)
-    state = gradcomp.fsdp.register(model, codec=gradcomp.codecs.PruneFPCodec(0.85, 6))
+    state = gradcomp.comm.fsdp.register(model, codec=gradcomp.codecs.PruneFPCodec(0.85, 6))
 
 What happens to one FSDP parameter group's gradients (FSDP hands a flat input of ``N * S``
 elements in its reduce dtype, ``S`` the padded shard size, and an output of ``S``):
@@ -14,7 +14,7 @@ elements in its reduce dtype, ``S`` the padded shard size, and an output of ``S`
 2. Otherwise, with error feedback on the input side, the residual of the previous step is added
    (fp32). Every ``refit_every`` steps each of the ``N`` shards gets a fresh lognormal fit and
    the codec a fresh plan; in between the cached plan is reused.
-3. Phase 1 of gradcomp's two-phase all-reduce (:func:`gradcomp.collectives.reduce_scatter_mean`):
+3. Phase 1 of gradcomp's two-phase all-reduce (:func:`gradcomp.comm.collectives.reduce_scatter_mean`):
    shard ``j`` is encoded and sent to rank ``j``, which decodes the ``N`` copies of its shard
    and sums them in fp32 in rank order. There is no second quantization: FSDP keeps the reduced
    shard. Bytes per rank: ``(N-1)/N`` of its payload.
@@ -39,7 +39,7 @@ backward queues an autograd-engine callback (after FSDP's own) that ends the ste
 value anywhere was non-finite, residuals are kept or discarded accordingly, and the step
 counter advances. A reduce-scatter issued outside a backward pass is a step of its own.
 
-Collective ordering and failures: as the DDP hook (:mod:`gradcomp.hook`). Every collective of
+Collective ordering and failures: as the DDP hook (:mod:`gradcomp.comm.hook`). Every collective of
 the state runs on its *own* groups, copies of FSDP's shard group (and of ``replicate_group``)
 made with ``dist.new_group`` at :func:`register`, so they never interleave with FSDP's
 all-gathers on FSDP's group. They run synchronously in the thread that calls the reduce-scatter
@@ -60,9 +60,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-from . import kernels
-from .codecs import Codec, HalfCodec, decode_payload
-from .collectives import (
+from gradcomp.codecs import Codec, HalfCodec, decode_payload
+from gradcomp.comm.collectives import (
     ReduceStats,
     allgather_mean,
     allreduce_mean,
@@ -71,9 +70,10 @@ from .collectives import (
     shard_bounds,
     two_phase_mean,
 )
-from .hook import ERROR_FEEDBACK, _as_timeout, _check_int, _group_timeout, copy_group
-from .plans import PlanCache
-from .rng import derive_key
+from gradcomp.comm.hook import ERROR_FEEDBACK, _as_timeout, _check_int, _group_timeout, copy_group
+from gradcomp.comm.plans import PlanCache
+from gradcomp.numerics import kernels
+from gradcomp.numerics.rng import derive_key
 
 STATE_VERSION = 2
 REDUCE_DTYPES = (torch.float32, torch.bfloat16)
@@ -116,7 +116,7 @@ def _op_scaling(op, world: int) -> tuple[int, float | None, str]:
         return 1, None, "sum"
     if kind == dist.ReduceOp.PREMUL_SUM and getattr(op, "factor", None) is not None:
         return 1, float(op.factor), "premul_sum"
-    raise ValueError(f"gradcomp.fsdp: FSDP asked for reduce op {op!r}; a compressed reduce-scatter "
+    raise ValueError(f"gradcomp.comm.fsdp: FSDP asked for reduce op {op!r}; a compressed reduce-scatter "
                      "averages or sums (AVG, SUM, PREMUL_SUM), nothing else")
 
 
@@ -168,7 +168,7 @@ class FSDPCompressionState:
             (see the module docstring), else ``None``.
         per_tensor: ``True`` (default): a fit and plan per parameter inside each shard (each
             rank's part of the reduce-scatter input is its dim-0 chunk of every parameter, padded,
-            one after another; see :class:`gradcomp.plans.PlanCache`); ``False``: one per shard.
+            one after another; see :class:`gradcomp.comm.plans.PlanCache`); ``False``: one per shard.
 
     Invalid settings raise ``ValueError`` at construction or in :func:`register`, never
     mid-training (except a reduce op or dtype FSDP only reveals at its first reduce-scatter).
@@ -249,7 +249,7 @@ class FSDPCompressionState:
             everyone: list = [None] * size
             dist.all_gather_object(everyone, mine, group=comm)
             if any(o != mine for o in everyone):
-                raise ValueError("gradcomp.fsdp: ranks registered different settings; every rank must use "
+                raise ValueError("gradcomp.comm.fsdp: ranks registered different settings; every rank must use "
                                  "the same codec and options, or their collectives would not match. By rank: "
                                  + "; ".join(f"{r}: {c}" for r, c in enumerate(everyone)))
 
@@ -280,11 +280,11 @@ class FSDPCompressionState:
     # ------------------------------------------------------------------ steps
     def _check_alive(self, unit: int) -> None:
         if self._failure is not None:
-            raise RuntimeError(f"gradcomp.fsdp: unit {unit} of step {self.step} not reduced on rank "
+            raise RuntimeError(f"gradcomp.comm.fsdp: unit {unit} of step {self.step} not reduced on rank "
                                f"{self.rank}: an earlier collective of this state failed ({self._failure})"
                                ) from self._failure
         if not self._bound:
-            raise ValueError("gradcomp.fsdp: the state is not bound (closed, or built without register())")
+            raise ValueError("gradcomp.comm.fsdp: the state is not bound (closed, or built without register())")
 
     def _begin(self, device: torch.device) -> None:
         """Before a reduce-scatter: compare steps once per bind/load; start a step if none is open."""
@@ -308,7 +308,7 @@ class FSDPCompressionState:
                 steps += [int(t) for t in got]
         self._steps_agreed = True
         if len(set(steps)) > 1:
-            raise ValueError(f"gradcomp.fsdp: ranks are at different steps {steps}; every rank must restore "
+            raise ValueError(f"gradcomp.comm.fsdp: ranks are at different steps {steps}; every rank must restore "
                              "the same FSDPCompressionState step (a checkpoint with one rank's compression "
                              "state missing?), or all start afresh")
 
@@ -336,7 +336,7 @@ class FSDPCompressionState:
         if isinstance(exc, ValueError):
             raise exc
         raise RuntimeError(
-            f"gradcomp.fsdp: {where} of step {self.step} failed on rank {self.rank} of {self.world_size}: "
+            f"gradcomp.comm.fsdp: {where} of step {self.step} failed on rank {self.rank} of {self.world_size}: "
             f"{type(exc).__name__}: {exc}. A peer that died or stopped fails its collectives (a killed "
             f"process at once, a stalled one after the state's timeout, {self._timeout_text()}); every "
             "later reduce-scatter of this state fails at once.") from exc
@@ -356,19 +356,19 @@ class FSDPCompressionState:
         self._check_alive(unit)
         n = self.world_size
         if inp.dtype not in REDUCE_DTYPES or out.dtype != inp.dtype:
-            raise ValueError(f"gradcomp.fsdp: reduce dtype {inp.dtype}; the compressed reduce-scatter takes "
+            raise ValueError(f"gradcomp.comm.fsdp: reduce dtype {inp.dtype}; the compressed reduce-scatter takes "
                              "float32 or bfloat16 (MixedPrecisionPolicy(reduce_dtype=...)): FSDP pre-divides "
                              "float16 inputs for overflow, which the codecs' fits would not see")
         if group is not None and dist.get_world_size(group) != n:
-            raise ValueError(f"gradcomp.fsdp: FSDP reduce-scatters over {dist.get_world_size(group)} ranks, "
+            raise ValueError(f"gradcomp.comm.fsdp: FSDP reduce-scatters over {dist.get_world_size(group)} ranks, "
                              f"the state was bound to {n}: register() must see FSDP's shard group")
         if inp.numel() != n * out.numel():
-            raise ValueError(f"gradcomp.fsdp: reduce-scatter input of {inp.numel()} elements for an output "
+            raise ValueError(f"gradcomp.comm.fsdp: reduce-scatter input of {inp.numel()} elements for an output "
                              f"of {out.numel()} on {n} ranks")
         divisor, factor, opname = _op_scaling(op, n)
         if self.replicate_group is not None and opname != "avg":
             raise ValueError(
-                "gradcomp.fsdp: with replicate_group the replica all-reduce averages, so the reduce-scatter "
+                "gradcomp.comm.fsdp: with replicate_group the replica all-reduce averages, so the reduce-scatter "
                 f"must average too; FSDP asked for {opname} (set_force_sum_reduction_for_comms or "
                 "set_gradient_divide_factor divide only by the shard size when the all-reduce is a hook)")
         self._ops[unit] = opname
@@ -566,7 +566,7 @@ class FSDPCompressionState:
     def state_dict(self) -> dict:
         """This rank's checkpointable state: step, fits, residuals (by unit), statistics."""
         if self._in_step:
-            raise ValueError("gradcomp.fsdp: state_dict() inside a backward pass; call it between steps")
+            raise ValueError("gradcomp.comm.fsdp: state_dict() inside a backward pass; call it between steps")
         return {
             "version": STATE_VERSION, "config": self._config(), "step": self.step,
             "rank": self.rank, "world_size": self.world_size,
@@ -593,7 +593,7 @@ class FSDPCompressionState:
 
 
 def _identity() -> Codec:
-    from .codecs.dense import IdentityCodec
+    from gradcomp.codecs.dense import IdentityCodec
     return IdentityCodec()
 
 
@@ -614,55 +614,55 @@ def register(model: torch.nn.Module, codec: Codec, **options) -> FSDPCompression
         >>> state = register(model, codec=FPCodec(6), error_feedback=True)  # doctest: +SKIP
     """
     if FSDPModule is None:
-        raise ValueError("gradcomp.fsdp needs torch >= 2.6 (FSDP2's set_custom_reduce_scatter)")
+        raise ValueError("gradcomp.comm.fsdp needs torch >= 2.6 (FSDP2's set_custom_reduce_scatter)")
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:
-        raise ValueError(f"gradcomp.fsdp.register needs a fully_shard-ed model; {type(model).__name__} has no "
+        raise ValueError(f"gradcomp.comm.fsdp.register needs a fully_shard-ed model; {type(model).__name__} has no "
                          "FSDPModule (call torch.distributed.fsdp.fully_shard on it first)")
     groups = []
     for m in units:
         pgs = _param_groups(m)
         if len(pgs) > 1:
-            raise ValueError(f"gradcomp.fsdp: {type(m).__name__} has {len(pgs)} FSDP parameter groups (a "
+            raise ValueError(f"gradcomp.comm.fsdp: {type(m).__name__} has {len(pgs)} FSDP parameter groups (a "
                              "shard_placement_fn with several meshes); FSDP2 takes one custom reduce-scatter "
                              "per module, which could not serve groups on different meshes")
         groups += [(m, g) for g in pgs]
     if not groups:
-        raise ValueError("gradcomp.fsdp: no FSDP module of the model holds parameters")
+        raise ValueError("gradcomp.comm.fsdp: no FSDP module of the model holds parameters")
     replicate_group = options.get("replicate_group")
     shard_groups = set()
     for _, g in groups:
         info = g.mesh_info
         if not hasattr(info, "shard_process_group"):
-            raise ValueError("gradcomp.fsdp: a module is replicated without sharding (fully_shard on a "
+            raise ValueError("gradcomp.comm.fsdp: a module is replicated without sharding (fully_shard on a "
                              "replicate-only mesh); use DDP and gradcomp.register for that")
         if hasattr(info, "replicate_process_group") and replicate_group is not None:
             raise ValueError(
-                "gradcomp.fsdp: replicate_group given for a model on a 2-D (HSDP) mesh: FSDP2 all-reduces "
+                "gradcomp.comm.fsdp: replicate_group given for a model on a 2-D (HSDP) mesh: FSDP2 all-reduces "
                 "the replicate dimension itself, densely, before set_all_reduce_hook runs; to compress it, "
                 "fully_shard on the shard sub-mesh (mesh['shard']) and pass "
                 "replicate_group=mesh.get_group('replicate')")
         if g._all_reduce_hook is not None:
-            raise ValueError("gradcomp.fsdp: a module already has an all-reduce hook (set_all_reduce_hook)")
+            raise ValueError("gradcomp.comm.fsdp: a module already has an all-reduce hook (set_all_reduce_hook)")
         policy = g.mp_policy
         dtypes = {p.dtype for p in (fp.sharded_param for fp in g.fsdp_params) if p.requires_grad}
         for dt in dtypes:
             reduce_dtype = policy.reduce_dtype or policy.param_dtype or dt
             if reduce_dtype not in REDUCE_DTYPES:
                 raise ValueError(
-                    f"gradcomp.fsdp: reduce dtype {reduce_dtype}; the compressed reduce-scatter takes float32 or "
+                    f"gradcomp.comm.fsdp: reduce dtype {reduce_dtype}; the compressed reduce-scatter takes float32 or "
                     "bfloat16 (MixedPrecisionPolicy(reduce_dtype=torch.float32 or torch.bfloat16)): FSDP "
                     "pre-divides float16 inputs against overflow, so the codecs would fit scaled values")
         if g.force_sum_reduction_for_comms and replicate_group is not None:
             raise ValueError(
-                "gradcomp.fsdp: set_force_sum_reduction_for_comms with replicate_group: FSDP then divides only "
+                "gradcomp.comm.fsdp: set_force_sum_reduction_for_comms with replicate_group: FSDP then divides only "
                 "by the shard size after the hook, so the replica all-reduce would have to sum, not average")
         if g._reduce_scatter_comm.__class__.__name__ not in ("DefaultReduceScatter", "ProcessGroupAllocReduceScatter"):
-            raise ValueError(f"gradcomp.fsdp: a module already has a custom reduce-scatter "
+            raise ValueError(f"gradcomp.comm.fsdp: a module already has a custom reduce-scatter "
                              f"({type(g._reduce_scatter_comm).__name__})")
         shard_groups.add(g._reduce_scatter_process_group)
     if len(shard_groups) != 1:
-        raise ValueError("gradcomp.fsdp: the model's FSDP modules shard over different process groups; "
+        raise ValueError("gradcomp.comm.fsdp: the model's FSDP modules shard over different process groups; "
                          "one state serves one shard group (register each part separately)")
     options.setdefault("process_group", next(iter(shard_groups)))
     state = FSDPCompressionState(codec, **options)

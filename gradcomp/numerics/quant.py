@@ -14,7 +14,7 @@ Numerics (for a format with ``m`` mantissa bits and exponent range ``[emin, emax
   inputs are rounded from their own 53-bit significand; float16/bfloat16 are widened to float32
   losslessly first).
 * ``"stochastic"``: round up with probability equal to the dropped fraction, using ``d`` bits of
-  counter-based noise (:mod:`gradcomp.rng`); exactly unbiased whenever ``d <= 30`` (every
+  counter-based noise (:mod:`gradcomp.numerics.rng`); exactly unbiased whenever ``d <= 30`` (every
   float32 input down to ``2**-(7 + m)`` times the smallest subnormal). Smaller inputs, and float64
   inputs, first truncate to 30 noise-sized bits: a bias below ``2**-30`` of one grid step.
 * Overflow saturates to ``+-max`` (the formats have no inf); ``+-inf`` -> ``+-max``.
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
-from .formats import FPFormat
-from .rng import hash_bits, resolve_key
+from gradcomp.numerics import kernels
+from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.rng import hash_bits, resolve_key
 
 ROUNDING_MODES = ("nearest", "stochastic")
 MAX_SCALE_EXP = 2**14  # power-of-two scales travel as int16 in payload headers

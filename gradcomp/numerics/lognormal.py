@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import optimize, special, stats
 
-from .formats import MAX_EXP_BITS, MAX_MAN_BITS, FPFormat
+from gradcomp.numerics.formats import MAX_EXP_BITS, MAX_MAN_BITS, FPFormat
 
 __all__ = [
     "LognormalFit",
@@ -119,7 +119,7 @@ def _rounding(value) -> str:
 
 def _format(value) -> FPFormat:
     if not isinstance(value, FPFormat):
-        raise ValueError(f"fmt must be a gradcomp.formats.FPFormat, got {type(value).__name__}")
+        raise ValueError(f"fmt must be a gradcomp.numerics.formats.FPFormat, got {type(value).__name__}")
     return value
 
 

@@ -22,7 +22,7 @@ def cpu_name() -> str:
 
 def environment() -> dict:
     """CPU, cores, torch threads, Python/torch/gradcomp versions, CUDA device if any."""
-    from . import __version__
+    from gradcomp import __version__
 
     env = {
         "cpu": cpu_name(),

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from .rng import derive_key
+from gradcomp.numerics.rng import derive_key
 
 __all__ = ["DATASETS", "DatasetBundle", "load_dataset", "make_loader", "cache_dir"]
 
@@ -166,7 +166,7 @@ def _cache_store(path: str | None, arrays: dict) -> None:
                 os.unlink(tmp)
             raise
     except OSError as e:
-        warnings.warn(f"gradcomp.data: could not write cache {path}: {e}", stacklevel=3)
+        warnings.warn(f"gradcomp.app.data: could not write cache {path}: {e}", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------

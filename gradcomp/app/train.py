@@ -9,8 +9,8 @@ has nothing to cross).
 
 What it does, all from one validated :class:`TrainConfig`:
 
-* data from :mod:`gradcomp.data` (no download), sharded by rank; model from
-  :mod:`gradcomp.models`, optionally with Squeeze-and-Threshold activations (``act_bits``) and
+* data from :mod:`gradcomp.app.data` (no download), sharded by rank; model from
+  :mod:`gradcomp.app.models`, optionally with Squeeze-and-Threshold activations (``act_bits``) and
   neural-gradient quantization (``gradquant_bits`` / ``gradquant_sparsity``);
 * the gradient hook chosen by ``codec``: ``"none"`` (fp32 DDP), ``"fp16"`` and ``"powersgd"``
   (torch's own hooks, the baselines users would pick), or one of ours (``"fp"``, ``"prune"``,
@@ -29,7 +29,7 @@ What it does, all from one validated :class:`TrainConfig`:
 * metrics as JSON lines (rank 0), a progress bar on rank 0, and a result dict.
 
 Example:
-    >>> from gradcomp.train import TrainConfig, train
+    >>> from gradcomp.app.train import TrainConfig, train
     >>> result = train(TrainConfig(model="resnet1d", dataset="mnist1d", epochs=1))  # doctest: +SKIP
     >>> result["final_accuracy"]  # doctest: +SKIP
 """
@@ -77,8 +77,8 @@ def _is_real(v) -> bool:
 class TrainConfig:
     """Everything one training run depends on (validated on construction; ``ValueError``).
 
-    Model and data: ``model`` (see :data:`gradcomp.models.MODELS`), ``dataset`` (see
-    :data:`gradcomp.data.DATASETS`), ``width`` (channels/hidden units), ``num_train``
+    Model and data: ``model`` (see :data:`gradcomp.app.models.MODELS`), ``dataset`` (see
+    :data:`gradcomp.app.data.DATASETS`), ``width`` (channels/hidden units), ``num_train``
     (``None``: the data set's default), ``act_bits`` (1..4: ST activations; ``None``: full
     precision), ``gradquant_bits`` / ``gradquant_sparsity`` (neural-gradient FP bits and
     stochastic-pruning sparsity; off by default), ``gradquant_exp_offset`` (added to the fitted
@@ -90,7 +90,7 @@ class TrainConfig:
     the one biased codec), ``warmup_steps`` / ``refit_every`` / ``collective`` (see
     :class:`gradcomp.CompressionState`), ``transport`` (``"ddp"``, ``"horovod"``, or ``"fsdp"``:
     FSDP2 ``fully_shard`` on each top-level child with parameters and the root, gradients
-    reduce-scattered by :func:`gradcomp.fsdp.register`; ``codec="none"`` keeps FSDP2's own
+    reduce-scattered by :func:`gradcomp.comm.fsdp.register`; ``codec="none"`` keeps FSDP2's own
     reduce-scatter).
 
     Optimisation: ``optimizer``, ``lr`` (for the global batch; not rescaled), ``momentum``,
@@ -150,7 +150,7 @@ class TrainConfig:
     timeout: float = 300.0
 
     def __post_init__(self):
-        from . import data, models  # local: keep `import gradcomp.train` light
+        from gradcomp.app import data, models  # local: keep `import gradcomp.app.train` light
 
         def choice(name, options):
             v = getattr(self, name)
@@ -254,7 +254,7 @@ class _Dist:
 
 def _setup_distributed(config: TrainConfig, device: torch.device) -> _Dist:
     if config.transport == "horovod":
-        from .horovod import _import_hvd
+        from gradcomp.comm.horovod import _import_hvd
 
         hvd = _import_hvd()
         hvd.init()
@@ -290,7 +290,7 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
 
 def build_codec(config: TrainConfig):
     """Return the :class:`gradcomp.codecs.Codec` for ``config.codec`` (``None`` for torch's hooks)."""
-    from . import codecs
+    from gradcomp import codecs
 
     c = config.codec
     if c == "fp":
@@ -315,8 +315,8 @@ def _error_feedback(config: TrainConfig):
 
 def build_model(config: TrainConfig, bundle) -> tuple[nn.Module, list]:
     """Build the configured model (ST and GradQuant applied); return it and its GradQuant modules."""
-    from . import models
-    from .nn import convert_gradquant
+    from gradcomp.app import models
+    from gradcomp.nn import convert_gradquant
 
     model = models.build_model(config.model, input_shape=bundle.input_shape, num_classes=bundle.num_classes,
                                width=config.width, act_bits=config.act_bits, seed=config.seed)
@@ -385,8 +385,8 @@ class _Hook:
         self.horovod_optimizer = horovod_optimizer  # carries its own compression state
         self.fsdp = fsdp
         if fsdp:
-            from . import codecs
-            from .fsdp import register as register_fsdp
+            from gradcomp import codecs
+            from gradcomp.comm.fsdp import register as register_fsdp
 
             codec = codecs.HalfCodec() if config.codec == "fp16" else build_codec(config)
             if codec is not None:
@@ -410,7 +410,7 @@ class _Hook:
                 start_powerSGD_iter=2, random_seed=config.seed)
             ddp.register_comm_hook(self.state, powerSGD_hook.powerSGD_hook)
         elif config.codec != "none":
-            from .hook import register
+            from gradcomp.comm.hook import register
 
             self.state = register(ddp, build_codec(config), error_feedback=_error_feedback(config),
                                   warmup_steps=config.warmup_steps, refit_every=config.refit_every,
@@ -428,7 +428,8 @@ class _Hook:
             s = self.state.stats()
             return {"bytes_sent_per_step": s["bytes_sent"] / max(s["steps"], 1),
                     "bits_per_element": s["bits_per_element"] or (16.0 if self.kind == "fp16" else 32.0),
-                    "bytes_source": "measured by gradcomp.fsdp (reduce-scatter; parameter all-gathers not counted)",
+                    "bytes_source":
+                        "measured by gradcomp.comm.fsdp (reduce-scatter; parameter all-gathers not counted)",
                     "compression_ratio": s["compression_ratio"], "collective": s["collective"]}
         if self.horovod_optimizer is not None:
             s = self.horovod_optimizer.stats()
@@ -617,7 +618,7 @@ def _read(path: Path, step_dir: Path):
 def _check_fit_entry(k, v, path: str) -> None:
     """A saved fit: key ``bucket/phase/shard/segment``; value ``[]`` or ``[mu, sigma >= 0, count >= 0,
     max_abs >= 0, *sample]`` with the sample ascending, positive and finite (at most SAMPLE_SIZE)."""
-    from .codecs.base import SAMPLE_SIZE
+    from gradcomp.codecs.base import SAMPLE_SIZE
 
     parts = k.split("/") if isinstance(k, str) else []
     _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
@@ -713,7 +714,7 @@ def _check_progress(p, path: Path) -> dict:
 
 def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
     """Validate a :meth:`CompressionState.state_dict` against ``model``; return its step."""
-    from .hook import STATE_VERSION
+    from gradcomp.comm.hook import STATE_VERSION
 
     _need_dict(sd, path, "'hook'", ("version", "config", "step", "fits", "residuals", "reduce_residuals",
                                     "reduce_residual_layouts", "stats"))
@@ -752,8 +753,8 @@ def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
 
 
 def _check_fsdp_compression_state(sd, path: Path, model: nn.Module) -> int:
-    """Validate a :meth:`gradcomp.fsdp.FSDPCompressionState.state_dict`; return its step."""
-    from .fsdp import STATE_VERSION
+    """Validate a :meth:`gradcomp.comm.fsdp.FSDPCompressionState.state_dict`; return its step."""
+    from gradcomp.comm.fsdp import STATE_VERSION
 
     _need_dict(sd, path, "'hook'", ("version", "config", "step", "fits", "residuals", "stats", "rank", "world_size"))
     _need(sd["version"] == STATE_VERSION, path, f"'hook' is version {sd['version']!r}, not {STATE_VERSION}")
@@ -1019,7 +1020,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"train() needs a TrainConfig, got {type(config).__name__}")
-    from . import data
+    from gradcomp.app import data
 
     t_start = time.perf_counter()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -1040,7 +1041,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
         ddp = None
         net = model
         if d.horovod is not None:
-            from .horovod import DistributedOptimizer
+            from gradcomp.comm.horovod import DistributedOptimizer
 
             optimizer = DistributedOptimizer(
                 optimizer, list(model.named_parameters()), codec=build_codec(config) or _horovod_dense(config),
@@ -1149,7 +1150,7 @@ def train(config: TrainConfig, *, reporter: Callable[[dict, Path | None], None] 
                     if d.world_size <= 1:
                         raise
                     raise RuntimeError(
-                        f"gradcomp.train: step {step + 1} failed on rank {d.rank} of {d.world_size} after "
+                        f"gradcomp.app.train: step {step + 1} failed on rank {d.rank} of {d.world_size} after "
                         f"{time.perf_counter() - t0:.1f} s; a peer may have stalled, been stopped or died "
                         f"(TrainConfig.timeout={config.timeout:g} s bounds the wait). Cause: {exc}") from exc
                 lv = loss.item()  # syncs the device, so the step time is honest
@@ -1280,17 +1281,17 @@ def _shard_optimizer_like(sd: dict, optimizer) -> dict:
 
 
 def _horovod_dense(config: TrainConfig):
-    from . import codecs
+    from gradcomp import codecs
 
     # Horovod has no DDP hooks: "none" and "fp16" go through the same optimizer with a dense codec.
     return codecs.HalfCodec() if config.codec == "fp16" else codecs.IdentityCodec()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run :func:`train` from a JSON config file (``python -m gradcomp.train CONFIG.json``; torchrun-able)."""
+    """Run :func:`train` from a JSON config file (``python -m gradcomp.app.train CONFIG.json``; torchrun-able)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m gradcomp.train", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gradcomp.app.train", description=main.__doc__)
     parser.add_argument("config", help="JSON file with TrainConfig fields")
     parser.add_argument("--output", help="write the result JSON here (rank 0)")
     args = parser.parse_args(argv)

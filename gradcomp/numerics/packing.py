@@ -16,7 +16,7 @@ from functools import cache
 
 import torch
 
-from . import kernels
+from gradcomp.numerics import kernels
 
 MIN_BITS, MAX_BITS = 1, 16
 
