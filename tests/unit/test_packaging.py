@@ -3,7 +3,7 @@ a fresh environment with the wheel installed (not editable) loads the kernels an
 kernel tests, importing gradcomp from its own site-packages.
 
 Without the sources every ``pip install .`` or wheel install silently fell back to the slow
-eager path (the kernels are compiled on the user's machine from ``gradcomp/csrc``).
+eager path (the kernels are compiled on the user's machine from ``gradcomp/numerics/csrc``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from gradcomp.numerics import kernels
 
 REPO = Path(__file__).resolve().parents[2]
-CSRC = sorted(p for p in (REPO / "gradcomp" / "csrc").iterdir() if p.suffix in (".cpp", ".h"))
+CSRC = sorted(p for p in (REPO / "gradcomp" / "numerics" / "csrc").iterdir() if p.suffix in (".cpp", ".h"))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_ci_builds_the_native_kernels():
 
 @pytest.mark.skipif(kernels.kernel_mode() == "eager", reason="GRADCOMP_KERNELS=eager builds nothing")
 def test_kernel_build_message_only_when_building():
-    code = "from gradcomp import kernels; print(kernels.warmup())"
+    code = "from gradcomp.numerics import kernels; print(kernels.warmup())"
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
             for _ in range(2)]  # the first may build; the second finds the cache
     assert runs[1].stdout.strip() == "True"
@@ -114,7 +114,7 @@ def test_installed_wheel_loads_the_kernels_and_passes_the_kernel_tests(wheel, tm
     (purelib / "_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True, timeout=300, cwd=tmp_path)
-    assert (purelib / "gradcomp" / "csrc" / "fpcodec.cpp").is_file()
+    assert (purelib / "gradcomp" / "numerics" / "csrc" / "fpcodec.cpp").is_file()
 
     tests = tmp_path / "tests"  # outside the checkout: nothing on sys.path leads back to it
     tests.mkdir()
