@@ -90,7 +90,14 @@ class PlanCache:
 
     def encode(self, codec: Codec, shard: torch.Tensor, points: list[int], shard_key: tuple,
                key: int, refit: bool) -> torch.Tensor:
-        """One payload of ``shard``: the codec's own for one segment, SEGMENTS for several."""
+        """One payload of ``shard``: the codec's own for one segment, SEGMENTS for several.
+
+        Codecs without a fit (``uses_fit = False``: TopK, Identity, Half) encode the shard whole:
+        they have no plan to make per tensor, and a top-k per tensor would spread its entries
+        evenly over the tensors instead of taking the shard's largest.
+        """
+        if not codec.uses_fit:
+            points = [0, points[-1]]
         plans = self.shard_plans(codec, shard_key, shard, points, refit)
         if len(plans) == 1:
             return codec.encode(shard, key=key, plan=plans[0])
@@ -111,7 +118,7 @@ class PlanCache:
             return size
 
         def size(start: int, stop: int) -> int:
-            points = self.segment_points(layout, start, stop)
+            points = self.segment_points(layout, start, stop) if codec.uses_fit else [0, stop - start]
             if len(points) <= 2:
                 return wire(stop - start)
             return segments_wire_bytes([wire(b - a) for a, b in zip(points, points[1:])])
