@@ -70,7 +70,7 @@ from gradcomp.comm.collectives import (
     shard_bounds,
     two_phase_mean,
 )
-from gradcomp.comm.hook import ERROR_FEEDBACK, _as_timeout, _check_int, _group_timeout, copy_group
+from gradcomp.comm.hook import _as_timeout, _check_int, _group_timeout, check_codecs, copy_group
 from gradcomp.comm.plans import PlanCache
 from gradcomp.numerics import kernels
 from gradcomp.numerics.rng import derive_key
@@ -179,18 +179,12 @@ class FSDPCompressionState:
                  warmup_steps: int = 1, refit_every: int = 10, seed: int = 0, collective: str = "auto",
                  reduce_codec: Codec | None = None, timeout: float | datetime.timedelta | None = None,
                  replicate_group=None, per_tensor: bool = True):
-        if not isinstance(codec, Codec):
-            raise ValueError(f"codec must be a gradcomp.codecs.Codec, got {type(codec).__name__}")
-        if reduce_codec is not None and not isinstance(reduce_codec, Codec):
-            raise ValueError(f"reduce_codec must be a Codec or None, got {type(reduce_codec).__name__}")
-        if error_feedback not in ERROR_FEEDBACK or (isinstance(error_feedback, int)
-                                                    and not isinstance(error_feedback, bool)):
-            raise ValueError(f"error_feedback must be one of {ERROR_FEEDBACK}, got {error_feedback!r}")
+        reduce_codec = check_codecs(codec, reduce_codec, error_feedback)
         if collective == "allreduce" or collective not in ("auto", "two_phase", "allgather"):
             raise ValueError(f"collective (the HSDP replica all-reduce) must be 'auto', 'two_phase' or "
                              f"'allgather', got {collective!r}")
         self.codec = codec
-        self.reduce_codec = reduce_codec if reduce_codec is not None else codec.reduce_codec()
+        self.reduce_codec = reduce_codec
         self.error_feedback = error_feedback
         self.worker_feedback = error_feedback in (True, "worker")
         self.reduce_feedback = error_feedback in (True, "reduce")

@@ -90,6 +90,19 @@ ERROR_FEEDBACK = (False, True, "worker", "reduce")
 STATE_VERSION = 2
 
 
+def check_codecs(codec: Codec, reduce_codec: Codec | None, error_feedback) -> Codec:
+    """Validate a state's codec, reduce codec and ``error_feedback`` (``ValueError``); return the
+    reduce codec to use (``codec.reduce_codec()`` when none is given). Shared by the DDP and FSDP states."""
+    if not isinstance(codec, Codec):
+        raise ValueError(f"codec must be a gradcomp.codecs.Codec, got {type(codec).__name__}")
+    if reduce_codec is not None and not isinstance(reduce_codec, Codec):
+        raise ValueError(f"reduce_codec must be a Codec or None, got {type(reduce_codec).__name__}")
+    if error_feedback not in ERROR_FEEDBACK or (isinstance(error_feedback, int)
+                                                and not isinstance(error_feedback, bool)):
+        raise ValueError(f"error_feedback must be one of {ERROR_FEEDBACK}, got {error_feedback!r}")
+    return reduce_codec if reduce_codec is not None else codec.reduce_codec()
+
+
 def _check_int(value, name: str, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
@@ -230,15 +243,8 @@ class CompressionState:
         per_tensor: bool = True,
     ):
         # ---- settings
-        if not isinstance(codec, Codec):
-            raise ValueError(f"codec must be a gradcomp.codecs.Codec, got {type(codec).__name__}")
-        if reduce_codec is not None and not isinstance(reduce_codec, Codec):
-            raise ValueError(f"reduce_codec must be a Codec or None, got {type(reduce_codec).__name__}")
-        if error_feedback not in ERROR_FEEDBACK or (isinstance(error_feedback, int)
-                                                    and not isinstance(error_feedback, bool)):
-            raise ValueError(f"error_feedback must be one of {ERROR_FEEDBACK}, got {error_feedback!r}")
         self.codec = codec
-        self.reduce_codec = reduce_codec if reduce_codec is not None else codec.reduce_codec()
+        self.reduce_codec = check_codecs(codec, reduce_codec, error_feedback)
         self.worker_feedback = error_feedback in (True, "worker")
         self.reduce_feedback = error_feedback in (True, "reduce")
         self.error_feedback = error_feedback
