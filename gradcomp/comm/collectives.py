@@ -250,23 +250,34 @@ def decode_mean(payloads: list[torch.Tensor], numel: int, out: torch.Tensor, div
     positions only (:func:`gradcomp.codecs.sparse.sum_prune_payloads`, the same bits too);
     anything else decodes payload by payload.
     """
-    if payloads and numel:
-        headers = [read_header(p) for p in payloads]
-        if all(h.tag == CodecTag.SEGMENTS for h in headers):
-            parts = [split_segments(p, h, numel) for p, h in zip(payloads, headers)]
-            sizes = [n for n, _ in parts[0]]
-            if all([n for n, _ in q] == sizes for q in parts[1:]):
-                # Same segmentation on every rank (the hook's): reduce segment by segment, so
-                # each keeps its fast path; the same sums in the same order as payload by payload.
-                offset = 0
-                for s, n in enumerate(sizes):
-                    if any(read_header(q[s][1]).tag == CodecTag.SEGMENTS for q in parts):
-                        raise ValueError("corrupt SEGMENTS payload: a segment is itself a SEGMENTS payload")
-                    decode_mean([q[s][1] for q in parts], n, out[offset:offset + n], divisor)
-                    offset += n
-                if any(h.nonfinite for h in headers):
-                    out.fill_(float("nan"))
-                return out
+    if not payloads or not numel:
+        return _sum_in_rank_order(payloads, numel, out).div_(divisor)
+    headers = [read_header(p) for p in payloads]
+    if all(h.tag == CodecTag.SEGMENTS for h in headers):
+        parts = [split_segments(p, h, numel) for p, h in zip(payloads, headers)]
+        sizes = [n for n, _ in parts[0]]
+        if all([n for n, _ in q] == sizes for q in parts[1:]):
+            # Same segmentation on every rank (the hook's): reduce segment by segment, so each
+            # keeps its fast path; the same sums in the same order as payload by payload.
+            offset = 0
+            for s, n in enumerate(sizes):
+                subs = [q[s][1] for q in parts]
+                sub_headers = [read_header(p) for p in subs]
+                if any(h.tag == CodecTag.SEGMENTS for h in sub_headers):
+                    raise ValueError("corrupt SEGMENTS payload: a segment is itself a SEGMENTS payload")
+                _decode_mean_read(subs, sub_headers, n, out[offset:offset + n], divisor)
+                offset += n
+            if any(h.nonfinite for h in headers):
+                out.fill_(float("nan"))
+            return out
+    return _decode_mean_read(payloads, headers, numel, out, divisor)
+
+
+def _decode_mean_read(payloads: list[torch.Tensor], headers: list, numel: int, out: torch.Tensor,
+                      divisor: int) -> torch.Tensor:
+    """:func:`decode_mean` of payloads whose headers are already read (each read once: a host
+    sync per header on a GPU)."""
+    if numel:
         fmts = [h.fmt for h in headers if h.tag == CodecTag.FP and h.fmt is not None and not h.nonfinite]
         if len(fmts) == len(headers):
             sizes = [packed_size(numel, f.bits) for f in fmts]

@@ -52,18 +52,17 @@ class PlanCache:
         self.min_segment = min_segment
         self.fits: dict[tuple, ShardFit | None] = {}  # (bucket, phase, shard, segment)
         self.plans: dict[tuple, Any] = {}
-        self._points: dict[tuple, list[int]] = {}  # (tensor sizes, start, stop) -> segment bounds
+        self._points: dict[tuple, list[int]] = {}  # (layout, start, stop) -> segment bounds
 
     def segment_points(self, layout: tuple, start: int, stop: int) -> list[int]:
         """Segment boundaries of ``[start, stop)`` of a bucket of ``layout`` ((key, numel) per
         tensor), relative to ``start``: ``[0, ..., stop - start]`` (one segment if not per tensor)."""
         if not self.per_tensor or not layout:
             return [0, stop - start]
-        numels = tuple(n for _, n in layout)
-        key = (numels, start, stop)
+        key = (layout, start, stop)  # the layout tuple itself: no per-step rebuild on the hot path
         points = self._points.get(key)
         if points is None:
-            points = split_points(numels, start, stop, self.min_segment)
+            points = split_points([n for _, n in layout], start, stop, self.min_segment)
             self._points[key] = points = points if len(points) > 1 else [0, stop - start]
         return points
 
