@@ -333,6 +333,39 @@ class BudgetPlan:
     within_budget: bool
 
 
+def _sample_fractions(sample: np.ndarray, alpha: float) -> tuple[float, float]:
+    """(nonzero, kept) fractions of stochastic pruning at ``alpha`` over a fit's sample of ``|x|``:
+    ``mean(min(1, |x| / alpha))`` and ``mean(|x| > alpha)``."""
+    return float(np.minimum(1.0, sample / alpha).mean()), float((sample > alpha).mean())
+
+
+def _meet_budget(sample: np.ndarray, alpha: float, n: int, usable: float, value_bits: int,
+                 budget: float) -> float:
+    """``alpha`` when the sample's expected payload at ``alpha`` fits ``budget`` bits per element,
+    else the least larger float32 threshold that does (bisection on ``ln alpha`` to 1e-4; when
+    even pruning everything cannot fit -- the fixed bytes of a tiny shard -- the largest tried).
+
+    The lognormal model places the threshold; real gradients' tails are not lognormal, so the
+    model's kept fraction can be short of the sample's and the payload over budget.
+    """
+    def over(a: float) -> bool:
+        nz, kept = _sample_fractions(sample, a)
+        return _prune_bits(n, nz * usable, kept * usable, value_bits) > budget
+
+    if not over(alpha):
+        return alpha
+    lo = hi = math.log(alpha)
+    step = 0.25
+    while over(math.exp(hi)) and hi - lo < 60.0:
+        lo, hi, step = hi, hi + step, 2 * step
+    for _ in range(40):
+        if hi - lo < 1e-4:
+            break
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if over(math.exp(mid)) else (lo, mid)
+    return _f32_up(min(math.exp(hi), float(np.finfo(np.float32).max)))
+
+
 def _f32_up(x: float) -> float:
     """Smallest float32 >= ``x`` (as a Python float)."""
     f = np.float32(x)
@@ -477,17 +510,21 @@ class BudgetCodec(Codec):
             bits = _dense_bits(n, fmt.bits)
             return BudgetPlan("fp", FPPlan(fmt, c.scale_exp, None), fmt, c.scale_exp, None, 0.0, 1.0,
                               float(err), bits, budget, n, ok and bits <= budget)
+        vb = c.fmt.bits if c.layout == "prune_fp" and c.fmt is not None else 32
         alpha = min(_f32_up(math.exp(mu + c.z)), float(np.finfo(np.float32).max))
+        sample = np.asarray(getattr(fit, "sample", ()), dtype=np.float64)
+        if sample.size:  # the fit's own entries, not the lognormal model, decide the payload size
+            alpha = _meet_budget(sample, alpha, n, usable, vb, budget)
+            nz, kept = _sample_fractions(sample, alpha)
         z = math.log(alpha) - mu
-        nz, kept = (float(v) for v in _fractions(z, s))
+        if not sample.size:
+            nz, kept = (float(v) for v in _fractions(z, s))
         sparsity = min(max(1.0 - nz, 1e-12), 1.0 - 1e-12)
         err = float(pruning_nmse_z(z, s, log_top))
-        vb = 32
         values = None
         if c.layout == "prune_fp":
             fmt = c.fmt
             assert fmt is not None  # prune_fp choices carry the values' format
-            vb = fmt.bits
             err += float(fp_tables([fmt], [np.array([c.scale_exp])], self.rounding, mu, s,
                                     np.array([z]), exact=False, log_top=log_top)[0][0, 0])
             values = FPPlan(fmt, c.scale_exp, None)

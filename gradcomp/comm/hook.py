@@ -559,7 +559,8 @@ class CompressionState:
         ``bits_per_element``: phase-1 payload bits per gradient element over compressed steps,
         headers included; ``steps``; ``buckets``: per bucket the collective and the chosen
         format, sparsity and threshold (with per-tensor plans: the first segment's, plus the
-        segment count and every segment's format).
+        segment count and every segment's format); ``drift_refits``: shard refits between the
+        periodic ones because a payload's size drifted (:mod:`gradcomp.comm.plans`).
         """
         with self._lock:
             st = self._stats
@@ -568,6 +569,7 @@ class CompressionState:
                 "bytes_sent": st.bytes_sent,
                 "messages": st.messages,
                 "nonfinite_steps": st.nonfinite_steps,
+                "drift_refits": self.plans.drift_refits,
                 "dense_bytes": st.dense_bytes,
                 "compression_ratio": (st.dense_bytes / st.bytes_sent) if st.bytes_sent else None,
                 "bits_per_element": (8 * st.payload_bytes / st.payload_elements) if st.payload_elements else None,

@@ -8,6 +8,13 @@ segment), and every segment gets a lognormal fit of its own and a plan from it
 reused in between. A shard of one segment is sent as the codec's plain payload; several as one
 SEGMENTS payload (:mod:`gradcomp.codecs.segments`).
 
+Drift: a codec whose payload size depends on the data (Prune, PruneFP, Budget) remembers each
+shard's payload size at its last refit. When a step's payload leaves ``[size / DRIFT_DOWN, size *
+DRIFT_UP]`` the plans no longer describe the data (gradients shrank or grew since the fit, so a cached
+threshold prunes far more or far less than planned): the shard is refitted and encoded again at
+once (the first encoding is discarded, never sent; the same random key). This costs nothing on
+steps without drift and keeps the sparsity near the requested one between periodic refits.
+
 Keys: a shard is ``(bucket, phase, shard)``; its segment ``s`` is keyed ``(bucket, phase,
 shard, s)``. Random keys of segments: ``derive_key(shard_key, 3, s)`` for the shard's key
 ``shard_key`` (a shard of one segment uses ``shard_key`` itself).
@@ -40,6 +47,10 @@ from gradcomp.numerics.rng import derive_key
 
 # Parts of a shard smaller than this (tiny tensors: a classifier's bias) share one segment.
 MIN_SEGMENT_NUMEL = 64
+# Payload-size ratios against the last refit's beyond which a data-sized codec's shard is refitted:
+# tight above (more bytes than planned breaks a bit budget), looser below (fewer bytes only cost
+# accuracy, and shrinking gradients are the common case between refits).
+DRIFT_UP, DRIFT_DOWN = 1.1, 1.3
 
 
 class PlanCache:
@@ -53,6 +64,8 @@ class PlanCache:
         self.fits: dict[tuple, ShardFit | None] = {}  # (bucket, phase, shard, segment)
         self.plans: dict[tuple, Any] = {}
         self._points: dict[tuple, list[int]] = {}  # (layout, start, stop) -> segment bounds
+        self.sizes: dict[tuple, int] = {}  # (bucket, phase, shard) -> payload bytes at the last refit
+        self.drift_refits = 0  # refits triggered by payload-size drift (see the module docstring)
 
     def segment_points(self, layout: tuple, start: int, stop: int) -> list[int]:
         """Segment boundaries of ``[start, stop)`` of a bucket of ``layout`` ((key, numel) per
@@ -93,11 +106,27 @@ class PlanCache:
 
         Codecs without a fit (``uses_fit = False``: TopK, Identity, Half) encode the shard whole:
         they have no plan to make per tensor, and a top-k per tensor would spread its entries
-        evenly over the tensors instead of taking the shard's largest.
+        evenly over the tensors instead of taking the shard's largest. Codecs with data-dependent
+        payload sizes are refitted on drift (module docstring).
         """
         if not codec.uses_fit:
             points = [0, points[-1]]
-        plans = self.shard_plans(codec, shard_key, shard, points, refit)
+        fresh = refit or any(shard_key + (s,) not in self.fits for s in range(len(points) - 1))  # new fits
+        payload = self._encode(codec, shard, points, self.shard_plans(codec, shard_key, shard, points, refit), key)
+        if not codec.uses_fit or codec.wire_bytes(1) is not None:
+            return payload
+        base = self.sizes.get(shard_key)
+        if not fresh and base is not None and not base / DRIFT_DOWN <= payload.numel() <= base * DRIFT_UP:
+            payload = self._encode(codec, shard, points,
+                                   self.shard_plans(codec, shard_key, shard, points, True), key)
+            self.drift_refits += 1
+            fresh = True
+        if fresh or base is None:
+            self.sizes[shard_key] = int(payload.numel())
+        return payload
+
+    @staticmethod
+    def _encode(codec: Codec, shard: torch.Tensor, points: list[int], plans: list, key: int) -> torch.Tensor:
         if len(plans) == 1:
             return codec.encode(shard, key=key, plan=plans[0])
         parts = [codec.encode(shard[a:b], key=derive_key(key, 3, s), plan=plan)
@@ -136,18 +165,26 @@ class PlanCache:
         return info
 
     def state_dict(self) -> dict[str, list]:
-        """The fits, ``"bucket/phase/shard/segment" -> [mu, sigma, count, max_abs, *sample]`` (``[]``: no fit)."""
-        return {"/".join(str(int(t)) for t in key):
-                [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf), *getattr(f, "sample", ())]
-                if f is not None else [] for key, f in self.fits.items()}
+        """The fits, ``"bucket/phase/shard/segment" -> [mu, sigma, count, max_abs, *sample]`` (``[]``:
+        no fit), and the drift baselines, ``"bucket/phase/shard" -> [payload bytes]``."""
+        out = {"/".join(str(int(t)) for t in key):
+               [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf), *getattr(f, "sample", ())]
+               if f is not None else [] for key, f in self.fits.items()}
+        out.update({"/".join(str(int(t)) for t in key): [float(n)] for key, n in self.sizes.items()})
+        return out
 
     def load_state_dict(self, fits: dict) -> None:
-        """Restore :meth:`state_dict`'s fits; plans are rebuilt from them at each key's first use."""
-        loaded = {}
+        """Restore :meth:`state_dict`'s fits and baselines; plans are rebuilt from the fits at
+        each key's first use (so a resumed run encodes as the uninterrupted one would)."""
+        loaded, sizes = {}, {}
         for k, v in fits.items():
             key = tuple(int(t) for t in k.split("/"))
-            if len(key) != 4:
-                raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment")
-            loaded[key] = ShardFit(v[0], v[1], int(v[2]), v[3], tuple(v[4:])) if v else None
-        self.fits = loaded
+            if len(key) == 3 and len(v) == 1:
+                sizes[key] = int(v[0])
+            elif len(key) == 4:
+                loaded[key] = ShardFit(v[0], v[1], int(v[2]), v[3], tuple(v[4:])) if v else None
+            else:
+                raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment "
+                                 "(a fit) or bucket/phase/shard (a payload size)")
+        self.fits, self.sizes = loaded, sizes
         self.plans.clear()

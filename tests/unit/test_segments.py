@@ -186,3 +186,60 @@ def test_segments_share_one_threshold_or_each_reach_the_sparsity(threshold):
         assert shares == pytest.approx([0.85, 0.85], abs=0.01)
     with pytest.raises(ValueError):
         PruneFPCodec(0.85, 6, threshold="layer")
+
+
+@pytest.mark.parametrize("bits", [1.5, 3.0])
+def test_budget_meets_its_budget_on_gaussian_gradients(bits):
+    """A Gaussian shard (no lognormal tail: the model's threshold would keep too much) planned from
+    its fit's sample stays within the budget, and the plan's expected bits say so."""
+    codec = BudgetCodec(bits)
+    x = _gauss(200_000, 4)
+    plan = codec.plan(fit_or_none(x), x.numel())
+    sent = 8 * codec.encode(x, key=3, plan=plan).numel() / x.numel()
+    assert sent <= bits * 1.01, (sent, plan)
+    assert plan.expected_bits == pytest.approx(sent, rel=0.03)
+
+
+def _drift_cache_step(cache, codec, x, refit, key=5):
+    from gradcomp.comm.plans import PlanCache  # noqa: F401 (the class under test)
+    return cache.encode(codec, x, [0, x.numel() // 2, x.numel()], (0, 1, 0), key=key, refit=refit)
+
+
+@pytest.mark.parametrize("codec", [PruneFPCodec(0.85, 6), PruneCodec(0.85), BudgetCodec(1.5)], ids=repr)
+def test_plan_cache_refits_a_shard_whose_payload_drifts(codec):
+    """Gradients shrinking 30x between periodic refits would make a cached threshold prune nearly
+    everything: the payload's size leaves the band, the shard is refitted at once and the sparsity
+    stays near the requested one. Growing gradients likewise. A resumed cache (state_dict) makes
+    the same decisions as the uninterrupted one."""
+    from gradcomp.comm.plans import PlanCache
+
+    x = torch.cat([_lognormal(30_000, 1), _lognormal(30_000, 2, scale=1e-2)])
+    cache = PlanCache()
+    first = _drift_cache_step(cache, codec, x, refit=True)
+    same = _drift_cache_step(cache, codec, x * 1.01, refit=False)
+    assert cache.drift_refits == 0
+    assert abs(same.numel() - first.numel()) < 0.1 * first.numel()
+    copy = PlanCache()
+    copy.load_state_dict(cache.state_dict())
+    sent = []
+    for c in (cache, copy):
+        shrunk = _drift_cache_step(c, codec, x / 30, refit=False)
+        assert c.drift_refits == 1
+        assert abs(shrunk.numel() - first.numel()) < 0.1 * first.numel()
+        grown = _drift_cache_step(c, codec, x * 3, refit=False)
+        assert c.drift_refits == 2
+        assert abs(grown.numel() - first.numel()) < 0.1 * first.numel()
+        sent.append((shrunk, grown))
+    assert all(torch.equal(a, b) for a, b in zip(*sent))  # the resumed cache sent the same bytes
+
+
+def test_plan_cache_never_refits_fixed_size_codecs_on_drift():
+    from gradcomp.comm.plans import PlanCache
+
+    cache, codec = PlanCache(), FPCodec(6)
+    x = _lognormal(10_000, 3)
+    _drift_cache_step(cache, codec, x, refit=True)
+    _drift_cache_step(cache, codec, x / 1000, refit=False)
+    assert cache.drift_refits == 0 and cache.sizes == {}
+    with pytest.raises(ValueError, match="payload size"):
+        cache.load_state_dict({"0/1": [3.0]})
