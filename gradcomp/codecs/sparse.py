@@ -78,6 +78,7 @@ from gradcomp.codecs.dense import (
     min_scale_exp,
 )
 from gradcomp.numerics import kernels, lognormal
+from gradcomp.numerics.error_model import TIE_ATOL, TIE_RTOL, fp_tables
 from gradcomp.numerics.packing import pack_unchecked, packed_size, unpack
 from gradcomp.numerics.pruning import stochastic_prune
 from gradcomp.numerics.rng import derive_key
@@ -436,9 +437,19 @@ def truncated_log_moments(mu: float, sigma: float, alpha: float) -> tuple[float,
     return mu + sigma * lam, sigma * math.sqrt(var)
 
 
-_TAIL_NODES = 4096  # quadrature nodes over the kept tail (spacing about sigma / 500)
+_TAIL_SIGMAS = 8.0  # the kept tail is integrated up to max(mu, ln alpha) + 8 sigma
 _TAIL_SCALE_WINDOW = 8
 _LN2 = math.log(2.0)
+
+
+def _tail_median(lo: float, hi: float, mu: float, sigma: float) -> float:
+    """Median of ``ln|x| ~ Normal(mu, sigma)`` truncated to ``[lo, hi]``: the point that halves the
+    upper-tail mass, ``Q(t) = (Q(lo) + Q(hi)) / 2`` with ``Q = 1 - Phi`` taken in log space
+    (``log_ndtr``/``ndtri_exp``), so a cutoff far in either tail keeps full precision."""
+    q_lo = float(special.log_ndtr(-(lo - mu) / sigma))
+    q_hi = float(special.log_ndtr(-(hi - mu) / sigma))
+    log_q = q_lo + math.log1p(math.exp(q_hi - q_lo)) - math.log(2.0)
+    return mu - sigma * float(special.ndtri_exp(log_q))
 
 
 def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
@@ -450,14 +461,15 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
     scales ``k`` that do not saturate the largest entry of the shard -- ``fit.max_abs`` where the
     fit carries it, else the expected maximum ``exp(mu + sigma Phi^-1(1 - 1/(count + 1)))``
     (``k >= min_scale_exp``, :mod:`gradcomp.codecs.dense`) -- searched up to
-    8 above the scale that centres the tail's median in the format's range. The error is the
-    midpoint quadrature of the pointwise error of the real format (subnormals, saturation,
-    ``rounding``) against the truncated lognormal density: 4096 nodes in ``ln|x|`` from
-    ``ln alpha`` to ``max(mu, ln alpha) + 8 sigma``. Ties go to the smaller ``k``, then the
-    smaller ``exp_bits``. The tail keeps its true shape (a hard floor at ``alpha``, the original
-    upper tail): a lognormal with its truncated moments (:func:`truncated_log_moments`) would
-    choose scales that saturate the largest kept values (measured in
-    ``benchmarks/results/codec_error.md``, "Planner design checks").
+    8 above the scale that centres the tail's median in the format's range. The error is
+    :func:`gradcomp.numerics.error_model.relative_errors` of the real format (subnormals,
+    saturation, ``rounding``; closed form, no sampling) over the lognormal truncated to
+    ``alpha < |x| <= exp(max(mu, ln alpha) + 8 sigma)`` (the cut above drops less than 1e-15 of
+    the mass). Ties (errors within a relative 1e-6 plus 1e-14 of the best, the evaluation
+    noise) go to the smaller ``k``, then the smaller ``exp_bits``. The tail keeps its true shape
+    (a hard floor at ``alpha``, the original upper tail): a lognormal with its truncated moments
+    (:func:`truncated_log_moments`) would choose scales that saturate the largest kept values
+    (measured in ``benchmarks/results/codec_error.md``, "Planner design checks").
     :class:`PruneFPCodec` also raises the scale at encode time if the actual maximum needs it.
     ``fit=None``, ``sigma == 0`` (nothing exceeds ``alpha``) or ``alpha = inf``: :func:`fp_plan`.
 
@@ -470,39 +482,28 @@ def tail_fp_plan(bits: int, exp_bits: int | None, rounding: str,
         return fp_plan(bits, exp_bits, rounding, fit)
     formats = [f for f in lognormal.candidate_formats(bits) if exp_bits is None or f.exp_bits == exp_bits]
     lo = math.log(alpha)
-    hi = max(fit.mu, lo) + 8.0 * fit.sigma
-    dt = (hi - lo) / _TAIL_NODES
-    t = lo + dt * (np.arange(_TAIL_NODES) + 0.5)
-    # Log-density relative to its largest value on the nodes, so neither a threshold far out
-    # in the tail nor one far below the bulk (alpha = 2**-149) can underflow or overflow.
-    logw = -0.5 * ((t - fit.mu) / fit.sigma) ** 2
-    w = np.exp(logw - logw.max())
-    w = w / w.sum()
-    t_median = float(t[min(int(np.searchsorted(np.cumsum(w), 0.5)), _TAIL_NODES - 1)])
+    hi = max(fit.mu, lo) + _TAIL_SIGMAS * fit.sigma
+    t_median = _tail_median(lo, hi, fit.mu, fit.sigma)
     max_abs = getattr(fit, "max_abs", None)  # the shard's own maximum, where the fit carries it
     if max_abs is not None and 0.0 < max_abs < math.inf:
         t_top = max(lo, math.log(max_abs))
     else:
         t_top = max(lo, fit.mu + fit.sigma * float(special.ndtri(1.0 - 1.0 / (fit.count + 1))))
-    best = None
+    ks_list = []
     for fmt in formats:
-        # lognormal's grid and pointwise-error helpers are the same ones its exact criterion
-        # uses, so this criterion and fp_plan's agree on what a format's error is.
-        grid = lognormal._grid(fmt)
         centre = (fmt.min_subnormal_exponent + fmt.max_exponent + 1) / 2.0
         k_centre = math.floor(t_median / _LN2 - centre + 0.5)
         k_min = min_scale_exp(math.exp(min(t_top, 700.0)), fmt)
         k_lo = max(k_min, k_centre - _TAIL_SCALE_WINDOW)
-        ks = np.arange(k_lo, max(k_lo, k_centre + _TAIL_SCALE_WINDOW) + 1)
-        y = np.exp(t[None, :] - ks[:, None] * _LN2)
-        errs = lognormal._pointwise_errors(grid, y, rounding) @ w
-        for k, err in zip(ks.tolist(), errs.tolist()):
-            rank = (err, k, fmt.exp_bits)
-            if best is None or rank < best[0]:
-                best = (rank, fmt, k, err)
-    assert best is not None  # candidate_formats is never empty
-    _, fmt, k, err = best
-    return FPPlan(fmt, int(k), float(err))
+        ks_list.append(np.arange(k_lo, max(k_lo, k_centre + _TAIL_SCALE_WINDOW) + 1))
+    tables = fp_tables(formats, ks_list, rounding, fit.mu, fit.sigma, np.array([lo - fit.mu]),
+                       log_top=hi - fit.mu, kind="relative")
+    cands = [(float(err), int(k), fmt.exp_bits, fmt)
+             for fmt, ks, tab in zip(formats, ks_list, tables) for k, err in zip(ks, tab[:, 0])]
+    best = min(err for err, *_ in cands)
+    err, k, _, fmt = min((c for c in cands if c[0] <= best * (1.0 + TIE_RTOL) + TIE_ATOL),
+                         key=lambda c: (c[1], c[2]))
+    return FPPlan(fmt, k, err)
 
 
 def prune_fp_wire_bytes(numel: int, nonzero_fraction: float, kept_fraction: float,

@@ -13,6 +13,7 @@ from gradcomp.codecs.sparse import (MAX_RICE_K, PRUNE_FIXED_BYTES, TOPK_FIXED_BY
                                     prune_fp_wire_bytes, pruning_fractions, rice_expected_bits,
                                     rice_parameter, tail_fp_plan, threshold_plan_alpha,
                                     truncated_log_moments)
+from gradcomp.numerics.error_model import relative_errors
 from gradcomp.numerics.packing import packed_size
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -337,6 +338,10 @@ def test_plans_and_describe():
     assert abs(m - 0.797885) < 1e-5 and abs(s - 0.602810) < 1e-5
     fixed = tail_fp_plan(6, 2, "stochastic", fit, plan.alpha)
     assert fixed.fmt.exp_bits == 2
+    # its error is the mean relative error over the kept tail, cut 8 sigma above
+    upper = math.exp(max(fit.mu, math.log(plan.alpha)) + 8.0 * fit.sigma)
+    mean = relative_errors(fixed.fmt, fit.mu, fit.sigma, fixed.scale_exp, "stochastic", plan.alpha, upper)[0]
+    assert fixed.expected_error == pytest.approx(mean, rel=1e-12)
     for c in (PruneCodec(), PruneFPCodec(), TopKCodec()):
         assert c.wire_bytes(1000) is None
 
