@@ -14,8 +14,9 @@ sparsity of stochastic pruning and its inverse (:func:`sparsity_for_threshold`,
 :func:`threshold_for_sparsity`); the seed's closed-form FP error as published
 (:func:`expected_relative_error`); the exact relative error of a real :class:`FPFormat`, its
 best scale and exponent/mantissa split (:func:`exact_relative_error`, :func:`scale_exponent`,
-:func:`optimal_exp_bits`, :func:`split_table`). Nothing here keeps state or draws from a global
-RNG; random subsampling takes a ``seed``.
+:func:`optimal_exp_bits`, :func:`split_table`; the errors are integrated by
+:func:`gradcomp.numerics.error_model.relative_errors`). Nothing here keeps state or draws from a
+global RNG; random subsampling takes a ``seed``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 from scipy import optimize, special, stats
 
+from gradcomp.numerics.checks import ROUNDING_MODES, check_real, check_rounding, check_sigma
+from gradcomp.numerics.error_model import TIE_ATOL, TIE_RTOL, relative_errors
 from gradcomp.numerics.formats import MAX_EXP_BITS, MAX_MAN_BITS, FPFormat
 
 __all__ = [
@@ -48,7 +51,6 @@ __all__ = [
     "candidate_formats",
 ]
 
-ROUNDING_MODES = ("nearest", "stochastic")
 KS_DISTRIBUTIONS = ("normal", "lognormal")
 SPLIT_METHODS = ("exact", "closed_form")
 
@@ -58,13 +60,6 @@ _LN2 = math.log(2.0)
 # checks"). Stochastic rounding's optimum can be a scale that saturates most of the data, far
 # outside; it is deliberately not searched for (saturation is biased).
 _SCALE_WINDOW = 6
-# Errors within this relative distance of the minimum count as ties in scale_exponent: above the
-# evaluation noise (about 4**man_bits * 2e-14, up to ~2e-8 at 10 mantissa bits), which must not
-# pick among equally good scales.
-_TIE_RTOL = 1e-6
-# ... plus an absolute floor: errors this small are zero up to rounding (a point mass on a grid
-# point gives ~1e-16 from exp(log y) not being exact), and their ratios are meaningless.
-_TIE_ATOL = 1e-14
 _MAX_CLOSED_FORM_MAN_BITS = 23
 _MIN_TOTAL_BITS, _MAX_TOTAL_BITS = 2, 16
 _MAX_ABS_MU = 1e4
@@ -74,26 +69,8 @@ _MAX_ABS_MU = 1e4
 # validation helpers
 
 
-def _real(value, name: str) -> float:
-    """Return ``value`` as a finite float or raise ``ValueError``."""
-    real_types = (int, float, np.integer, np.floating)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, real_types):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return out
-
-
-def _sigma(value) -> float:
-    out = _real(value, "sigma")
-    if out < 0:
-        raise ValueError(f"sigma must be >= 0 (std of ln|x|, natural log), got {value!r}")
-    return out
-
-
 def _mu(value) -> float:
-    out = _real(value, "mu")
+    out = check_real(value, "mu")
     # ln|x| of any float64 lies in [-745, 710]; the bound only keeps scale exponents small ints.
     if abs(out) > _MAX_ABS_MU:
         raise ValueError(
@@ -109,12 +86,6 @@ def _int(value, name: str, lo: int, hi: int) -> int:
     if not lo <= out <= hi:
         raise ValueError(f"{name} must be an int in {lo}..{hi}, got {value!r}")
     return out
-
-
-def _rounding(value) -> str:
-    if value not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {value!r}")
-    return value
 
 
 def _format(value) -> FPFormat:
@@ -317,8 +288,8 @@ def sparsity_for_threshold(alpha, mu: float, sigma: float):
         >>> round(sparsity_for_threshold(threshold_for_sparsity(0.85, -7.0, 2.0), -7.0, 2.0), 12)
         0.85
     """
-    mu = _real(mu, "mu")
-    sigma = _sigma(sigma)
+    mu = check_real(mu, "mu")
+    sigma = check_sigma(sigma)
     a = np.asarray(alpha, dtype=np.float64)
     if np.isnan(a).any() or (a < 0).any():
         raise ValueError(
@@ -347,11 +318,11 @@ def threshold_for_sparsity(sparsity: float, mu: float, sigma: float) -> float:
         >>> round(alpha, 6), round(sparsity_for_threshold(alpha, 0.0, 1.0), 12)
         (2.400791, 0.5)
     """
-    s = _real(sparsity, "sparsity")
+    s = check_real(sparsity, "sparsity")
     if not 0.0 < s < 1.0:
         raise ValueError(f"sparsity must be in the open interval (0, 1), got {sparsity!r}")
-    mu = _real(mu, "mu")
-    sigma = _sigma(sigma)
+    mu = check_real(mu, "mu")
+    sigma = check_sigma(sigma)
     if sigma == 0.0:
         z = -math.log1p(-s)
     else:
@@ -397,7 +368,7 @@ def expected_relative_error(man_bits: int, exp_bits: int, sigma: float) -> float
     """
     man_bits = _int(man_bits, "man_bits", 0, _MAX_CLOSED_FORM_MAN_BITS)
     exp_bits = _int(exp_bits, "exp_bits", 1, MAX_EXP_BITS)
-    sigma = _sigma(sigma)
+    sigma = check_sigma(sigma)
     if man_bits == 0:
         return math.inf
     mantissa_scale = 1.0 / (8.0 * _LN2 * (2.0**man_bits - 1.0))
@@ -420,132 +391,19 @@ def expected_relative_error(man_bits: int, exp_bits: int, sigma: float) -> float
 # FP quantization: exact expected error of a real format
 
 
-def _grid(fmt: FPFormat) -> np.ndarray:
-    """Ascending non-negative values of ``fmt`` (equals ``fmt.code_values()``), vectorized."""
-    m = fmt.man_bits
-    codes = np.arange(fmt.max_code + 1, dtype=np.int64)
-    efield = codes >> m
-    significand = (codes & ((1 << m) - 1)) + np.where(efield > 0, 1 << m, 0)
-    exponent = (np.maximum(efield, 1) - fmt.bias - m).astype(np.int32)
-    return np.ldexp(significand.astype(np.float64), exponent)
-
-
-def _log_phi_diff(log_b: np.ndarray, m: np.ndarray, s: float, k: int) -> np.ndarray:
-    """Log of ``Phi(t_{j+1}) - Phi(t_j)``, ``t = (ln b - m - k s^2)/s``, for consecutive boundaries.
-
-    ``log_b``: (nb,) log boundaries (``-inf``/``inf`` allowed); ``m``: (K, 1); result (K, nb-1).
-    The k-th partial moment of a cell is ``exp(k m + k^2 s^2/2 + result)``. Built from
-    ``log_ndtr`` so that far-tail cells keep their size where Phi itself underflows (for large
-    ``s`` the moments multiply tails like Phi(-40) by e^(s^2/2) = e^800). Where both arguments
-    are positive the upper tails are subtracted instead (``Phi(-t_j) - Phi(-t_{j+1})``), so no
-    cell loses precision to ``1 - Phi``.
-    """
-    with np.errstate(invalid="ignore", over="ignore"):  # s ~ 1e-320 gives t = +-inf: still right
-        t = (log_b[None, :] - (m + k * s * s)) / s
-    log_p, log_q = special.log_ndtr(t), special.log_ndtr(-t)
-    upper = t[:, :-1] > 0
-    big = np.where(upper, log_q[:, :-1], log_p[:, 1:])  # log of the larger tail mass
-    small = np.where(upper, log_q[:, 1:], log_p[:, :-1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = big + np.log(-np.expm1(small - big))
-    # An empty cell (both tails -inf, or equal ends) has no mass.
-    return np.where(np.isneginf(big) | ~(small < big), -np.inf, out)
-
-
-def _exact_errors(grid: np.ndarray, m: np.ndarray, s: float, rounding: str) -> np.ndarray:
-    """Expected relative error for ``y ~ Lognormal(m_i, s)`` (``s > 0``) on ``grid``, per ``m_i``.
-
-    Every term is ``coefficient * partial moment`` assembled as ``exp(log coeff + log moment)``:
-    coefficients like ``q e^(-m)`` can overflow where the moment underflows, and their product is
-    what matters (it is at most about the cell's probability).
-    """
-    m = np.asarray(m, dtype=np.float64).reshape(-1, 1)
-    half_s2 = s * s / 2.0
-    g = grid[1:]  # positive grid points
-    with np.errstate(divide="ignore"):
-        log_g = np.log(g)
-    if rounding == "nearest":
-        # Cells: [0, g1/2) -> 0; around each g_i the lower half [mid_{i-1}, g_i) and the upper
-        # half [g_i, mid_i), the top one extended to infinity (saturation to max has the same
-        # error expression, 1 - max/y). On a half, |q - y|/y = sgn (q/y - 1).
-        mids = np.empty_like(g)
-        mids[0] = g[0] / 2.0
-        mids[1:] = (g[:-1] + g[1:]) / 2.0
-        bounds = np.empty(2 * g.size + 2)
-        bounds[0] = 0.0
-        bounds[1:-1:2] = mids
-        bounds[2:-1:2] = g
-        bounds[-1] = np.inf
-        with np.errstate(divide="ignore"):
-            log_b = np.log(bounds)
-        owner = np.concatenate(([-np.inf], np.repeat(log_g, 2)))  # ln q per cell
-        sgn = np.concatenate(([-1.0], np.tile([1.0, -1.0], g.size)))
-        d0 = np.exp(_log_phi_diff(log_b, m, s, 0))
-        lm1 = _log_phi_diff(log_b, m, s, -1)
-        with np.errstate(invalid="ignore", over="ignore"):
-            q_over_y = np.exp(owner[None, :] - m + half_s2 + lm1)
-        q_over_y = np.nan_to_num(q_over_y, nan=0.0)
-        # Rounding can leave a point mass sitting on a grid point a few ulps below zero.
-        return np.maximum(np.sum(sgn * (q_over_y - d0), axis=-1), 0.0)
-    # Stochastic: between neighbours lo < hi, E|Q(y) - y| = 2 (y - lo)(hi - y)/(hi - lo), so a
-    # cell contributes (2/(hi-lo)) (-M1 + (lo+hi) M0 - lo hi M-1); above max it saturates.
-    lo, hi = grid[:-1], grid[1:]
-    width = hi - lo
-    bounds = np.concatenate((grid, [np.inf]))
-    with np.errstate(divide="ignore"):
-        log_b = np.log(bounds)
-        log_lo = np.log(lo)
-    log_hi, log_w = np.log(hi), np.log(width)
-    d0 = np.exp(_log_phi_diff(log_b, m, s, 0))
-    l1 = _log_phi_diff(log_b, m, s, 1)[:, :-1]
-    lm1 = _log_phi_diff(log_b, m, s, -1)
-    with np.errstate(invalid="ignore", over="ignore"):
-        t1 = np.exp(_LN2 + m + half_s2 - log_w + l1)
-        t0 = 2.0 * (lo + hi) / width * d0[:, :-1]
-        tm1 = np.exp(_LN2 + log_lo + log_hi - m + half_s2 - log_w + lm1[:, :-1])
-        sat = d0[:, -1] - np.exp(log_g[-1] - m[:, 0] + half_s2 + lm1[:, -1])
-    cells = np.nan_to_num(t0 - t1 - tm1, nan=0.0)
-    return np.maximum(np.sum(cells, axis=-1) + np.nan_to_num(sat, nan=0.0), 0.0)
-
-
-def _pointwise_errors(grid: np.ndarray, y: np.ndarray, rounding: str) -> np.ndarray:
-    """Relative error ``E|Q(y) - y| / y`` at points ``y > 0`` (the ``sigma == 0`` case)."""
-    y = np.asarray(y, dtype=np.float64)
-    top = grid[-1]
-    i = np.clip(np.searchsorted(grid, y, side="right") - 1, 0, grid.size - 2)
-    lo, hi = grid[i], grid[i + 1]
-    with np.errstate(invalid="ignore", divide="ignore"):  # y = 0 / inf (exp under/overflow)
-        if rounding == "nearest":
-            # Ties are equally far from both neighbours: the tie rule does not change the error.
-            err = np.where(y > 0, np.minimum(y - lo, hi - y) / y, 1.0)
-        else:
-            err = np.where(y > 0, 2.0 * (y - lo) * (hi - y) / ((hi - lo) * y), 2.0)
-        return np.where(y >= top, 1.0 - top / y, err)
-
-
-def _errors_for_scales(grid: np.ndarray, mu: float, sigma: float, ks: np.ndarray,
-                       rounding: str) -> np.ndarray:
-    m = mu - ks.astype(np.float64) * _LN2
-    if sigma == 0.0:
-        with np.errstate(over="ignore"):  # exp(m) = inf saturates: error 1
-            return _pointwise_errors(grid, np.exp(m), rounding)
-    return _exact_errors(grid, m, sigma, rounding)
-
-
 def _centre_scale(mu: float, fmt: FPFormat) -> int:
     centre = (fmt.min_subnormal_exponent + fmt.max_exponent + 1) / 2.0
     return math.floor(mu / _LN2 - centre + 0.5)
 
 
-def _best_scale(grid: np.ndarray, fmt: FPFormat, mu: float, sigma: float,
-                rounding: str) -> tuple[int, float]:
+def _best_scale(fmt: FPFormat, mu: float, sigma: float, rounding: str) -> tuple[int, float]:
     k0 = _centre_scale(mu, fmt)
     # Candidates ordered by distance from k0 (k0, k0-1, k0+1, ...): the first minimizer wins.
     offsets = np.arange(1, _SCALE_WINDOW + 1)
     ks = np.concatenate(([k0], np.stack((k0 - offsets, k0 + offsets), axis=1).reshape(-1)))
-    errs = _errors_for_scales(grid, mu, sigma, ks, rounding)
+    errs = relative_errors(fmt, mu, sigma, ks, rounding)
     best = float(np.min(errs))
-    i = int(np.argmax(errs <= best * (1.0 + _TIE_RTOL) + _TIE_ATOL))
+    i = int(np.argmax(errs <= best * (1.0 + TIE_RTOL) + TIE_ATOL))
     return int(ks[i]), float(errs[i])
 
 
@@ -561,10 +419,11 @@ def exact_relative_error(fmt: FPFormat, sigma: float, mu: float = 0.0, rounding:
     2 (y - lo)(hi - y)/(hi - lo)``, with ``lo = 0`` below the smallest subnormal). The relative
     error does not depend on the sign, so only ``|x|`` matters.
 
-    Numerics: no sampling; each quantization cell is integrated in closed form with the
-    lognormal partial moments of order -1, 0, 1 (tail-safe Phi differences, log-space
-    coefficients). Relative accuracy about ``4**man_bits * 2e-14`` (cancellation inside narrow
-    cells): ~1e-10 for 6-bit formats. ``sigma == 0`` evaluates the point mass ``|x| = e^mu``.
+    Numerics: :func:`gradcomp.numerics.error_model.relative_errors`, no sampling; each
+    quantization cell is integrated in closed form with the lognormal partial moments of order
+    -1, 0, 1 (tail-safe Phi differences, log-space coefficients). Relative accuracy about
+    ``4**man_bits * 2e-14`` (cancellation inside narrow cells): ~1e-10 for 6-bit formats.
+    ``sigma == 0`` evaluates the point mass ``|x| = e^mu``.
 
     ``scale_exp``: ``k`` in ``x * 2**-k``; ``None`` uses :func:`scale_exponent` (the best scale).
 
@@ -576,14 +435,13 @@ def exact_relative_error(fmt: FPFormat, sigma: float, mu: float = 0.0, rounding:
         0.062
     """
     fmt = _format(fmt)
-    sigma = _sigma(sigma)
+    sigma = check_sigma(sigma)
     mu = _mu(mu)
-    rounding = _rounding(rounding)
-    grid = _grid(fmt)
+    rounding = check_rounding(rounding)
     if scale_exp is None:
-        return _best_scale(grid, fmt, mu, sigma, rounding)[1]
+        return _best_scale(fmt, mu, sigma, rounding)[1]
     k = _int(scale_exp, "scale_exp", -(2**20), 2**20)
-    return float(_errors_for_scales(grid, mu, sigma, np.array([k]), rounding)[0])
+    return float(relative_errors(fmt, mu, sigma, np.array([k]), rounding)[0])
 
 
 def scale_exponent(mu: float, sigma: float, fmt: FPFormat, rounding: str = "nearest") -> int:
@@ -607,10 +465,10 @@ def scale_exponent(mu: float, sigma: float, fmt: FPFormat, rounding: str = "near
         -7
     """
     mu = _mu(mu)
-    sigma = _sigma(sigma)
+    sigma = check_sigma(sigma)
     fmt = _format(fmt)
-    rounding = _rounding(rounding)
-    return _best_scale(_grid(fmt), fmt, mu, sigma, rounding)[0]
+    rounding = check_rounding(rounding)
+    return _best_scale(fmt, mu, sigma, rounding)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,12 +528,12 @@ def split_table(total_bits: int, sigma: float, rounding: str = "nearest",
         >>> [(r.exp_bits, round(r.exact_error, 3)) for r in split_table(4, 1.0)]
         [(1, 0.218), (2, 0.172), (3, 0.177)]
     """
-    sigma = _sigma(sigma)
+    sigma = check_sigma(sigma)
     mu = _mu(mu)
-    rounding = _rounding(rounding)
+    rounding = check_rounding(rounding)
     rows = []
     for fmt in candidate_formats(total_bits):
-        k, err = _best_scale(_grid(fmt), fmt, mu, sigma, rounding)
+        k, err = _best_scale(fmt, mu, sigma, rounding)
         closed = expected_relative_error(fmt.man_bits, fmt.exp_bits, sigma)
         rows.append(SplitRow(fmt.exp_bits, fmt.man_bits, fmt, k, err, closed))
     return rows
@@ -701,9 +559,9 @@ def optimal_exp_bits(total_bits: int, sigma: float, method: str = "exact", round
         (3, 1)
     """
     total_bits = _int(total_bits, "total_bits", _MIN_TOTAL_BITS, _MAX_TOTAL_BITS)
-    sigma = _sigma(sigma)
+    sigma = check_sigma(sigma)
     method = _method(method)
-    rounding = _rounding(rounding)
+    rounding = check_rounding(rounding)
     mu = _mu(mu)
     formats = candidate_formats(total_bits)
     if method == "closed_form":
@@ -714,8 +572,8 @@ def optimal_exp_bits(total_bits: int, sigma: float, method: str = "exact", round
                 "man_bits == 0, where the seed's formula is undefined); use method='exact'"
             )
     else:
-        errs = [_best_scale(_grid(f), f, mu, sigma, rounding)[1] for f in formats]
+        errs = [_best_scale(f, mu, sigma, rounding)[1] for f in formats]
     err_arr = np.asarray(errs)
     # First (smallest exp_bits) candidate within the tie tolerance of the best: near-equal errors,
     # e.g. a point mass sitting on a grid point of every candidate, go to the longer mantissa.
-    return formats[int(np.argmax(err_arr <= np.min(err_arr) * (1.0 + _TIE_RTOL) + _TIE_ATOL))].exp_bits
+    return formats[int(np.argmax(err_arr <= np.min(err_arr) * (1.0 + TIE_RTOL) + TIE_ATOL))].exp_bits

@@ -691,3 +691,38 @@ def test_public_api():
     }
     for name in ln.__all__:
         assert hasattr(ln, name)
+
+
+def _relative_error_quadrature(fmt, mu, sigma, k, rounding, lo, hi, nodes=1 << 18):
+    """Midpoint rule in ln|x| over [lo, hi] of the pointwise relative error (brute force)."""
+    from gradcomp.numerics.error_model import format_grid
+
+    grid = format_grid(fmt)
+    t = lo + (hi - lo) * (np.arange(nodes) + 0.5) / nodes
+    w = np.exp(-0.5 * ((t - mu) / sigma) ** 2)
+    y = np.exp(t - k * LN2)
+    i = np.clip(np.searchsorted(grid, y, side="right") - 1, 0, grid.size - 2)
+    lo_g, hi_g = grid[i], grid[i + 1]
+    if rounding == "nearest":
+        err = np.minimum(y - lo_g, hi_g - y) / y
+    else:
+        err = 2.0 * (y - lo_g) * (hi_g - y) / ((hi_g - lo_g) * y)
+    err = np.where(y >= grid[-1], 1.0 - grid[-1] / y, err)
+    return float(err @ w / w.sum())
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_relative_errors_match_quadrature_whole_and_truncated(rounding):
+    from gradcomp.numerics.error_model import relative_errors
+
+    fmt, mu, sigma = FPFormat(3, 2), -3.0, 1.3
+    for k in (-6, -4):
+        whole = relative_errors(fmt, mu, sigma, k, rounding)[0]
+        assert whole == pytest.approx(exact_relative_error(fmt, sigma, mu, rounding, k), rel=1e-12)
+        assert whole == pytest.approx(_relative_error_quadrature(fmt, mu, sigma, k, rounding, mu - 12 * sigma,
+                                                                 mu + 12 * sigma), rel=1e-6)
+        # the mean over a truncated range (the tail that pruning keeps, cut above)
+        lower, upper = math.exp(mu + 0.7), math.exp(mu + 5.0)
+        tail = relative_errors(fmt, mu, sigma, k, rounding, lower=lower, upper=upper)[0]
+        ref = _relative_error_quadrature(fmt, mu, sigma, k, rounding, mu + 0.7, mu + 5.0)
+        assert tail == pytest.approx(ref, rel=1e-6) and tail != pytest.approx(whole, rel=1e-3)
