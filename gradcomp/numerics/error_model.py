@@ -572,8 +572,10 @@ def _batch_log(t, ps, log_abs, sign, log_f, kind: str, s: float, log_lower, log_
         part = terms(log_abs[:, rr, idx], sign[:, rr, idx], _log_phi_diff(lo, hi))
     table = np.nan_to_num(above[rr, idx + 1] + np.maximum(part, 0.0), nan=np.inf)
     if kind == "relative":
+        # A relative error is >= 0: the cells' cancellation can leave a few ulps below (a point
+        # mass on a grid point).
         with np.errstate(over="ignore", invalid="ignore"):
-            table = table * np.exp(-log_norm)[None, :]
+            table = np.maximum(table, 0.0) * np.exp(-log_norm)[None, :]
     return _split_rows(table, ks_list)
 
 

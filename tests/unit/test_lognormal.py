@@ -726,3 +726,12 @@ def test_relative_errors_match_quadrature_whole_and_truncated(rounding):
         tail = relative_errors(fmt, mu, sigma, k, rounding, lower=lower, upper=upper)[0]
         ref = _relative_error_quadrature(fmt, mu, sigma, k, rounding, mu + 0.7, mu + 5.0)
         assert tail == pytest.approx(ref, rel=1e-6) and tail != pytest.approx(whole, rel=1e-3)
+
+
+def test_exact_error_near_point_mass_on_a_grid_point():
+    # |x| = 1 sits on a grid point (and on a cell boundary): no negative rounding residue, no NaN.
+    for sigma in (1e-17, 1e-299):
+        for fmt in (FPFormat(1, 3), FPFormat(1, 0)):
+            for r in ("nearest", "stochastic"):
+                e = exact_relative_error(fmt, sigma, 0.0, r, 0)
+                assert 0.0 <= e <= (1.0 if r == "nearest" else 2.0)
