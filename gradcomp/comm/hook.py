@@ -66,7 +66,6 @@ import math
 import queue
 import threading
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -83,6 +82,7 @@ from gradcomp.comm.collectives import (
 )
 from gradcomp.comm.feedback import ErrorFeedbackMemory
 from gradcomp.comm.plans import PlanCache
+from gradcomp.comm.stats import HOOK_COUNTERS, WireStats
 from gradcomp.numerics import kernels
 from gradcomp.numerics.rng import derive_key
 
@@ -107,17 +107,6 @@ def _check_int(value, name: str, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     return value
-
-
-@dataclass
-class _Stats:
-    bytes_sent: int = 0
-    dense_bytes: float = 0.0
-    payload_bytes: int = 0
-    payload_elements: int = 0
-    messages: int = 0
-    nonfinite_steps: int = 0
-    buckets: dict = field(default_factory=dict)
 
 
 class _Worker:
@@ -272,8 +261,8 @@ class CompressionState:
         self._param_keys: dict[int, int] = {}  # id(parameter) -> position in the model
         self.memory = ErrorFeedbackMemory()
         self._lock = threading.Lock()
-        # ---- stats
-        self._stats = _Stats()
+        # ---- stats (guarded by _lock: the worker thread updates them)
+        self._stats = WireStats(HOOK_COUNTERS)
         # Build (or load) the native codec kernels now, not inside the first step's backward:
         # a first build takes about a minute (announced on stderr only then), a cached one milliseconds.
         kernels.warmup()
@@ -476,7 +465,7 @@ class CompressionState:
         self._reduce(buffer, index, step, layout)
         if last and self.memory.finish_step():
             with self._lock:
-                self._stats.nonfinite_steps += 1
+                self._stats.count_nonfinite_step()
 
     def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
         group, n = self._comm, self.world_size
@@ -529,13 +518,7 @@ class CompressionState:
 
     def _account(self, index, step, numel, rs, dense, collective, compressed) -> None:
         with self._lock:
-            st = self._stats
-            st.bytes_sent += rs.bytes_sent
-            st.messages += rs.messages
-            st.dense_bytes += dense
-            if compressed:
-                st.payload_bytes += rs.payload_bytes
-                st.payload_elements += numel
+            self._stats.record(rs, dense, numel if compressed else None)
             info = {"numel": numel, "collective": collective, "bytes_sent": rs.bytes_sent,
                     "payload_bytes": rs.payload_bytes, "messages": rs.messages}
             if compressed:
@@ -545,7 +528,7 @@ class CompressionState:
                     info["phase2"] = self.plans.describe(self.reduce_codec, (index, 2, self.rank))
                     info["reduce_payload_bytes"] = rs.reduce_payload_bytes
                     info["shard_payload_bytes"] = list(rs.shard_payload_bytes)
-            st.buckets[index] = info
+            self._stats.entries[index] = info
 
     # ------------------------------------------------------------------ public API
     def stats(self) -> dict:
@@ -563,21 +546,9 @@ class CompressionState:
         periodic ones because a payload's size drifted (:mod:`gradcomp.comm.plans`).
         """
         with self._lock:
-            st = self._stats
-            return {
-                "steps": self.step,
-                "bytes_sent": st.bytes_sent,
-                "messages": st.messages,
-                "nonfinite_steps": st.nonfinite_steps,
-                "drift_refits": self.plans.drift_refits,
-                "dense_bytes": st.dense_bytes,
-                "compression_ratio": (st.dense_bytes / st.bytes_sent) if st.bytes_sent else None,
-                "bits_per_element": (8 * st.payload_bytes / st.payload_elements) if st.payload_elements else None,
-                "world_size": self.world_size,
-                "collective": self.collective,
-                "codec": repr(self.codec),
-                "buckets": {k: dict(v) for k, v in st.buckets.items()},
-            }
+            return self._stats.summary(steps=self.step, drift_refits=self.plans.drift_refits,
+                                       world_size=self.world_size, collective=self.collective,
+                                       codec=repr(self.codec))
 
     def _config(self) -> dict:
         return {"codec": repr(self.codec), "reduce_codec": repr(self.reduce_codec),
@@ -595,7 +566,6 @@ class CompressionState:
                           stacklevel=2)
         fits = self.plans.state_dict()
         reduce_res = {int(b): t.clone() for b, ((_, _), t) in self.memory.reduce_residuals.items()}
-        st = self._stats
         return {
             "version": STATE_VERSION,
             "config": self._config(),
@@ -605,9 +575,7 @@ class CompressionState:
             "reduce_residuals": reduce_res,
             "reduce_residual_layouts": {int(b): list(layout)
                                         for b, (layout, _) in self.memory.reduce_residuals.items()},
-            "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
-                      "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
-                      "messages": st.messages, "nonfinite_steps": st.nonfinite_steps},
+            "stats": self._stats.state_dict(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -626,11 +594,11 @@ class CompressionState:
         self._steps_agreed = False
         self.plans.load_state_dict(sd["fits"])
         self.memory.load(sd["residuals"], sd["reduce_residuals"], sd["reduce_residual_layouts"])
-        st = sd["stats"]
-        self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
-                             dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),
-                             payload_elements=int(st["payload_elements"]), messages=int(st.get("messages", 0)),
-                             nonfinite_steps=int(st.get("nonfinite_steps", 0)))
+        stats = WireStats(HOOK_COUNTERS)  # per-bucket figures start afresh
+        # Checkpoints from before messages and nonfinite_steps were counted lack them: 0.
+        stats.load_state_dict(sd["stats"], required=("bytes_sent", "dense_bytes", "payload_bytes", "payload_elements"))
+        with self._lock:
+            self._stats = stats
 
     def wait_idle(self) -> None:
         """Block until every submitted bucket has been reduced (or has failed)."""
