@@ -190,6 +190,8 @@ def _group_timeout(group) -> datetime.timedelta | None:
     """The timeout ``group``'s backend was built with (``init_process_group(timeout=...)``)."""
     try:
         pg = group if group is not None else dist.group.WORLD
+        if pg is None:
+            return None
         for device in (torch.device("cpu"), torch.device("cuda")):
             try:
                 return pg._get_backend(device).options._timeout

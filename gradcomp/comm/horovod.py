@@ -198,7 +198,7 @@ def bucket_assignment(params: Sequence[torch.Tensor], limits: Sequence[int],
     smallest index; with it (the gradient-ready order) they stay in the order they closed.
     """
     visit = list(range(len(params))) if order is None else list(order)
-    result: list[tuple[list[int], int]] = []  # (indices, closing position) for sorting
+    result: list[list[int]] = []  # buckets of parameter indices, in the order they closed
     open_: dict[tuple, list[int]] = {}
     sizes: dict[tuple, int] = {}
     limit_pos: dict[tuple, int] = {}
@@ -353,21 +353,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
         last = len(self._buckets) - 1
         for index, idxs in enumerate(self._buckets):
             params = [self._params[i] for i in idxs]
-            pieces = []
+            grads = []
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 elif p.grad.is_sparse:
                     raise ValueError("sparse gradients are not supported")
-                pieces.append(p.grad.detach().reshape(-1))
-            flat = torch.cat(pieces)
-            work.append((params, flat, self._state.submit(_Bucket(flat, index, index == last, params))))
-        for params, flat, fut in work:
+                grads.append(p.grad)
+            flat = torch.cat([g.detach().reshape(-1) for g in grads])
+            work.append((grads, flat, self._state.submit(_Bucket(flat, index, index == last, params))))
+        for grads, flat, fut in work:
             fut.wait()
             offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad.detach().copy_(flat[offset:offset + n].view_as(p.grad))
+            for g in grads:
+                n = g.numel()
+                g.detach().copy_(flat[offset:offset + n].view_as(g))
                 offset += n
         if not self._rebuilt:
             self._rebuild_buckets()
