@@ -134,7 +134,9 @@ class Transport:
     ``rank`` and ``world_size`` describe this process in the group. Every method is blocking
     and must be called by every rank of the group in the same order (the algorithms do).
     Subclasses implement :meth:`all_to_all` and :meth:`all_reduce_sum_`; :meth:`all_gather`
-    defaults to an all-to-all whose chunks are all the same payload.
+    defaults to an all-to-all whose chunks are all the same payload, and
+    :meth:`all_gather_object` (small text: settings checks) to an all-gather of its UTF-8 bytes.
+    A :class:`gradcomp.comm.hook.CompressionState` runs on any subclass (``transport=``).
     """
 
     rank: int = 0
@@ -155,6 +157,14 @@ class Transport:
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         """Replace ``tensor`` by its elementwise sum over ranks (fp32 or fp16)."""
         raise NotImplementedError
+
+    def all_gather_object(self, text: str) -> list[str]:
+        """Every rank's ``text``, in rank order (small metadata such as a settings check).
+
+        Default: :meth:`all_gather` of the UTF-8 bytes (sizes exchanged first).
+        """
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+        return [bytes(t.tolist()).decode() for t in self.all_gather(data).received]
 
 
 class TorchTransport(Transport):
@@ -190,6 +200,12 @@ class TorchTransport(Transport):
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, group=self.group)
+
+    def all_gather_object(self, text: str) -> list[str]:
+        """Every rank's ``text``, in rank order: ``dist.all_gather_object`` on the group."""
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, text, group=self.group)
+        return everyone
 
 
 def as_transport(group) -> Transport:

@@ -72,6 +72,7 @@ from gradcomp.comm.collectives import (
 )
 from gradcomp.comm.hook import _as_timeout, _check_int, _group_timeout, check_codecs, copy_group
 from gradcomp.comm.plans import PlanCache
+from gradcomp.comm.stats import FSDP_COUNTERS, WireStats
 from gradcomp.numerics import kernels
 from gradcomp.numerics.rng import derive_key
 
@@ -213,10 +214,7 @@ class FSDPCompressionState:
         self._staged: dict[tuple, torch.Tensor] = {}
         self._units: dict[int, int] = {}  # unit -> input numel (for stats and checks)
         self._ops: dict[int, str] = {}
-        self._stats = {"bytes_sent": 0, "messages": 0, "dense_bytes": 0.0, "payload_bytes": 0,
-                       "payload_elements": 0, "replica_bytes_sent": 0, "replica_dense_bytes": 0.0,
-                       "nonfinite_steps": 0}
-        self._unit_stats: dict[int, dict] = {}
+        self._stats = WireStats(FSDP_COUNTERS)  # entries: unit -> its last call's figures
         kernels.warmup()  # build or load the native codec kernels now, not in the first backward
 
     # ------------------------------------------------------------------ setup
@@ -316,7 +314,7 @@ class FSDPCompressionState:
         except Exception as exc:
             self._fail(exc, "end of step")
         if int(flag):
-            self._stats["nonfinite_steps"] += 1
+            self._stats.count_nonfinite_step()
             self._staged.clear()
         else:
             self._residuals.update(self._staged)
@@ -459,12 +457,9 @@ class FSDPCompressionState:
                 compressed = True
         except Exception as exc:
             self._fail(exc, f"replica all-reduce of unit {unit} ({shard.numel()} elements)")
-        st = self._stats
-        st["replica_bytes_sent"] += rs.bytes_sent
-        st["replica_dense_bytes"] += 2 * (r - 1) / r * shard.element_size() * shard.numel()
-        st["messages"] += rs.messages
+        self._stats.record_replica(rs, 2 * (r - 1) / r * shard.element_size() * shard.numel())
         if compressed:
-            self._unit_stats.setdefault(unit, {})["replica"] = {
+            self._stats.entries.setdefault(unit, {})["replica"] = {
                 "collective": self.collective, "bytes_sent": rs.bytes_sent, "payload_bytes": rs.payload_bytes}
 
     def _compressed_replica(self, unit: int, shard: torch.Tensor, step: int) -> ReduceStats:
@@ -515,22 +510,18 @@ class FSDPCompressionState:
 
     # ------------------------------------------------------------------ stats and checkpoints
     def _account(self, unit: int, inp: torch.Tensor, rs: ReduceStats, compressed: bool) -> None:
-        n, st = self.world_size, self._stats
-        st["bytes_sent"] += rs.bytes_sent
-        st["messages"] += rs.messages
-        st["dense_bytes"] += (n - 1) / n * inp.element_size() * inp.numel()
+        n = self.world_size
+        self._stats.record(rs, (n - 1) / n * inp.element_size() * inp.numel(), inp.numel() if compressed else None)
         info = {"numel": inp.numel(), "dtype": str(inp.dtype).replace("torch.", ""), "op": self._ops[unit],
                 "compressed": compressed, "bytes_sent": rs.bytes_sent, "payload_bytes": rs.payload_bytes,
                 "messages": rs.messages}
         if compressed:
-            st["payload_bytes"] += rs.payload_bytes
-            st["payload_elements"] += inp.numel()
             info["shard_payload_bytes"] = list(rs.shard_payload_bytes)
             info["phase1"] = self.plans.describe(self.codec, (unit, 1, self.rank))
-        prev = self._unit_stats.get(unit, {})
+        prev = self._stats.entries.get(unit, {})
         if "replica" in prev:
             info["replica"] = prev["replica"]
-        self._unit_stats[unit] = info
+        self._stats.entries[unit] = info
 
     def stats(self) -> dict:
         """Cumulative wire statistics of this rank.
@@ -544,18 +535,18 @@ class FSDPCompressionState:
         (``N-1`` per round); ``nonfinite_steps``: steps whose result held inf or NaN on some rank
         (their residuals were discarded); ``units``: per FSDP unit the last call's figures.
         """
-        st = self._stats
+        st = self._stats.counters
         return {
             "steps": self.step, "world_size": self.world_size, "replicas": self.replicas,
             "bytes_sent": st["bytes_sent"], "messages": st["messages"], "dense_bytes": st["dense_bytes"],
-            "compression_ratio": st["dense_bytes"] / st["bytes_sent"] if st["bytes_sent"] else None,
-            "bits_per_element": 8 * st["payload_bytes"] / st["payload_elements"] if st["payload_elements"] else None,
+            "compression_ratio": self._stats.compression_ratio(),
+            "bits_per_element": self._stats.bits_per_element(),
             "replica_bytes_sent": st["replica_bytes_sent"], "replica_dense_bytes": st["replica_dense_bytes"],
             "nonfinite_steps": st["nonfinite_steps"], "drift_refits": self.plans.drift_refits,
             "codec": repr(self.codec),
             "collective": "reduce_scatter" if not self.codec.summable else "dense_reduce_scatter",
             "replica_collective": self.collective if self.replicate_group is not None else None,
-            "units": {u: dict(v) for u, v in self._unit_stats.items()},
+            "units": self._stats.entries_copy(),
         }
 
     def state_dict(self) -> dict:
@@ -567,7 +558,7 @@ class FSDPCompressionState:
             "rank": self.rank, "world_size": self.world_size,
             "fits": self.plans.state_dict(),
             "residuals": {f"{u}/{p}": t.detach().clone() for (u, p), t in self._residuals.items()},
-            "stats": dict(self._stats),
+            "stats": self._stats.state_dict(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -584,7 +575,7 @@ class FSDPCompressionState:
         self.plans.load_state_dict(sd["fits"])
         self._residuals = {tuple(int(t) for t in k.split("/")): v.clone() for k, v in sd["residuals"].items()}
         self._staged.clear()
-        self._stats.update({k: type(self._stats[k])(v) for k, v in sd["stats"].items() if k in self._stats})
+        self._stats.load_state_dict(sd["stats"])
 
 
 def _identity() -> Codec:

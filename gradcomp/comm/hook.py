@@ -66,7 +66,8 @@ import math
 import queue
 import threading
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -74,15 +75,17 @@ import torch.distributed as dist
 from gradcomp.codecs import Codec, decode_payload
 from gradcomp.codecs.dense import IdentityCodec
 from gradcomp.comm.collectives import (
+    TorchTransport,
+    Transport,
     allgather_mean,
     allreduce_mean,
-    as_transport,
     choose_collective,
     shard_bounds,
     two_phase_mean,
 )
 from gradcomp.comm.feedback import ErrorFeedbackMemory
 from gradcomp.comm.plans import PlanCache
+from gradcomp.comm.stats import HOOK_COUNTERS, WireStats
 from gradcomp.numerics import kernels
 from gradcomp.numerics.rng import derive_key
 
@@ -109,15 +112,28 @@ def _check_int(value, name: str, lo: int) -> int:
     return value
 
 
-@dataclass
-class _Stats:
-    bytes_sent: int = 0
-    dense_bytes: float = 0.0
-    payload_bytes: int = 0
-    payload_elements: int = 0
-    messages: int = 0
-    nonfinite_steps: int = 0
-    buckets: dict = field(default_factory=dict)
+class Bucket(Protocol):
+    """What :meth:`CompressionState.submit` reads from a bucket: DDP's ``dist.GradBucket``, or any
+    object with these methods (Horovod's optimizer builds its own).
+
+    ``buffer()``: the flat gradients, averaged in place; ``index()``: the bucket's position in
+    the step (the same on every rank); ``is_last()``: whether it ends the step;
+    ``parameters()``: the tensors whose gradients ``buffer()`` holds, in order.
+    """
+
+    def buffer(self) -> torch.Tensor: ...
+
+    def index(self) -> int: ...
+
+    def is_last(self) -> bool: ...
+
+    def parameters(self) -> Sequence[torch.Tensor]: ...
+
+
+class HasParameters(Protocol):
+    """What :meth:`CompressionState.bind_model` reads from a model: ``parameters()`` in model order."""
+
+    def parameters(self) -> Iterable[torch.Tensor]: ...
 
 
 class _Worker:
@@ -174,6 +190,8 @@ def _group_timeout(group) -> datetime.timedelta | None:
     """The timeout ``group``'s backend was built with (``init_process_group(timeout=...)``)."""
     try:
         pg = group if group is not None else dist.group.WORLD
+        if pg is None:
+            return None
         for device in (torch.device("cpu"), torch.device("cuda")):
             try:
                 return pg._get_backend(device).options._timeout
@@ -221,13 +239,37 @@ class CompressionState:
             group gives up (a stalled or stopped peer); default: the timeout of
             ``process_group`` itself (``init_process_group(timeout=...)``; torch's default is
             30 minutes for gloo, 10 for NCCL). A killed peer is noticed sooner by gloo.
+        transport: a :class:`gradcomp.comm.collectives.Transport` to run the collectives on
+            instead of a process group (keyword only; not with ``process_group``). See below.
+
+    Transports. By default the collectives run on the state's own copy of ``process_group``,
+    through :class:`gradcomp.comm.collectives.TorchTransport`; the copy is made when the state
+    binds (at construction, or at the first bucket when ``torch.distributed`` was not yet
+    initialized) and released by :meth:`close`. With ``transport=`` (Horovod's
+    :class:`gradcomp.comm.horovod.HorovodTransport`, or any ``Transport``) the state binds to that
+    object at construction (its ``rank`` and ``world_size``; the settings check runs through
+    its ``all_gather_object``), makes no group of its own, stays bound after :meth:`close`, and
+    cannot be unpickled (the transport cannot travel). Everything else (plans, error feedback,
+    random keys, statistics, checkpoints, the bytes on the wire) is the same on every transport.
+    A subclass that builds the state for its users sets ``settings_owner``, the name the settings
+    check's error gives to what every rank built.
 
     Constructing a state builds (first time, about a minute) or loads the native codec kernels
     (:mod:`gradcomp.numerics.kernels`), so no training step waits for a compiler. Invalid settings raise
     ``ValueError`` here, never mid-training. The state pickles without its process group and
     worker thread (like torch's PowerSGD state); ``state_dict()`` holds only tensors and
     numbers (``torch.load(weights_only=True)`` reads it).
+
+    Example:
+        >>> from gradcomp.codecs import FPCodec
+        >>> state = CompressionState(FPCodec(6), error_feedback=True, refit_every=5)
+        >>> state.stats()["steps"], state.transport is None  # not bound: no torch.distributed here
+        (0, True)
     """
+
+    #: What the settings check's error says every rank built (``"gradcomp: ranks built <this>
+    #: with different settings; ..."``).
+    settings_owner: str = "CompressionState"
 
     def __init__(
         self,
@@ -241,7 +283,13 @@ class CompressionState:
         reduce_codec: Codec | None = None,
         timeout: float | datetime.timedelta | None = None,
         per_tensor: bool = True,
+        *,
+        transport: Transport | None = None,
     ):
+        if transport is not None and not isinstance(transport, Transport):
+            raise ValueError(f"transport must be a gradcomp.comm.collectives.Transport, got {type(transport).__name__}")
+        if transport is not None and process_group is not None:
+            raise ValueError("CompressionState takes a process_group or a transport, not both")
         # ---- settings
         self.codec = codec
         self.reduce_codec = check_codecs(codec, reduce_codec, error_feedback)
@@ -257,7 +305,10 @@ class CompressionState:
         self.per_tensor = per_tensor
         # ---- internal
         self.process_group = process_group
-        self._comm = None  # what the collectives run on: the state's own group (or a Transport)
+        self._given_transport = transport  # transport= (never rebinds), else None
+        self._on_given_transport = transport is not None  # survives pickling (to refuse unpickling)
+        self._comm: dist.ProcessGroup | None = None  # the state's own copy of process_group
+        self._transport: Transport | None = None  # what the collectives run on, once bound
         self._bound = False
         self.world_size, self.rank = 1, 0
         self.collective = choose_collective(collective, codec, 2)  # validates early
@@ -267,38 +318,55 @@ class CompressionState:
         self._steps_agreed = False  # ranks compared their step before this state's first collective
         self._comm_timeout: datetime.timedelta | None = None  # resolved when the own group is made
         self._cuda_streams: dict = {}
-        if dist.is_available() and dist.is_initialized():
+        if transport is not None or (dist.is_available() and dist.is_initialized()):
             self._bind_group()
         self._param_keys: dict[int, int] = {}  # id(parameter) -> position in the model
         self.memory = ErrorFeedbackMemory()
         self._lock = threading.Lock()
-        # ---- stats
-        self._stats = _Stats()
+        # ---- stats (guarded by _lock: the worker thread updates them)
+        self._stats = WireStats(HOOK_COUNTERS)
         # Build (or load) the native codec kernels now, not inside the first step's backward:
         # a first build takes about a minute (announced on stderr only then), a cached one milliseconds.
         kernels.warmup()
 
     # ------------------------------------------------------------------ setup / pickling
     def _bind_group(self) -> None:
-        """Join the process group: rank, size, the state's own group, the settings check.
+        """Join the transport: rank, size, the state's own group, the settings check.
 
-        Collective over ``process_group`` (every rank binds in the same order): at construction
-        when ``torch.distributed`` is initialized, else (a state built before
+        With ``transport=``: that transport, at construction. Otherwise collective over
+        ``process_group`` (every rank binds in the same order): at construction when
+        ``torch.distributed`` is initialized, else (a state built before
         ``init_process_group``, or unpickled) at its first bucket.
         """
+        given = self._given_transport
         group = self.process_group
-        self.world_size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        if given is not None:
+            self.world_size, self.rank = given.world_size, given.rank
+        else:
+            self.world_size = dist.get_world_size(group)
+            self.rank = dist.get_rank(group)
         self.collective = choose_collective(self.collective_setting, self.codec, self.world_size)
         self._bound = True
         self._steps_agreed = False
+        if given is not None:
+            self._transport = given
+        elif self.world_size > 1:
+            self._comm, self._comm_timeout = copy_group(group, self.timeout, "gradcomp_hook")
+            self._transport = TorchTransport(self._comm)
         if self.world_size > 1:
-            self._comm = self._new_comm_group(group)
             self._check_same_settings_on_all_ranks()
 
-    def _new_comm_group(self, group):
-        comm, self._comm_timeout = copy_group(group, self.timeout, "gradcomp_hook")
-        return comm
+    @property
+    def transport(self) -> Transport | None:
+        """The :class:`~gradcomp.comm.collectives.Transport` the collectives run on: the one given
+        as ``transport=``, else one over the state's own group; ``None`` while unbound (or with
+        one rank and no transport given)."""
+        return self._transport
+
+    def _bound_transport(self) -> Transport:
+        if self._transport is None:  # submit() binds before any collective
+            raise RuntimeError("gradcomp: the CompressionState is not bound to a transport")
+        return self._transport
 
     def _check_same_settings_on_all_ranks(self) -> None:
         """Fail now, on every rank, if ranks were given different settings.
@@ -310,30 +378,39 @@ class CompressionState:
         if self.world_size <= 1:
             return
         mine = repr(sorted(self._config().items()))
-        everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self._comm)
+        everyone = self._bound_transport().all_gather_object(mine)
         if any(other != mine for other in everyone):
             raise ValueError(
-                "gradcomp: ranks built CompressionState with different settings; every rank must "
+                f"gradcomp: ranks built {self.settings_owner} with different settings; every rank must "
                 "use the same codec and options, or their collectives would not match. Settings "
                 "by rank: " + "; ".join(f"{r}: {c}" for r, c in enumerate(everyone))
             )
 
-    def bind_model(self, model: torch.nn.Module) -> None:
-        """Key residuals by parameter position in ``model`` (needed to checkpoint error feedback)."""
+    def bind_model(self, model: torch.nn.Module | HasParameters) -> None:
+        """Key residuals by parameter position in ``model`` (needed to checkpoint error feedback).
+
+        ``model``: the DDP model (its ``module`` is read), the module itself, or any object whose
+        ``parameters()`` yields the model's parameters in order.
+        """
         module = getattr(model, "module", model)
         self._param_keys = {id(p): i for i, p in enumerate(module.parameters())}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for k in ("process_group", "_comm", "_worker", "_lock", "_cuda_streams", "_failure"):
+        for k in ("process_group", "_given_transport", "_comm", "_transport", "_worker", "_lock",
+                  "_cuda_streams", "_failure"):
             state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if state.get("_on_given_transport"):
+            raise TypeError(f"a {type(self).__name__} built on a transport cannot be unpickled (the "
+                            "transport cannot travel); save state_dict() and load it into a new one instead")
         self.__dict__.update(state)
         self.process_group = None
+        self._given_transport = None
         self._comm = None
+        self._transport = None
         self._bound = False  # binds (collectively) at its first bucket
         self._steps_agreed = False
         self._worker = None
@@ -358,6 +435,7 @@ class CompressionState:
                 pass  # already gone with the default group
         if isinstance(comm, dist.ProcessGroup):
             self._comm = None
+            self._transport = None
             self._bound = False
 
     def __del__(self):
@@ -369,14 +447,15 @@ class CompressionState:
     def _key(self, step: int, bucket: int, shard: int, phase: int) -> int:
         return derive_key(self.seed, step, bucket, self.rank, shard, phase)
 
-    def _layout(self, params: list[torch.Tensor]) -> tuple:
+    def _layout(self, params: Sequence[torch.Tensor]) -> tuple:
         return tuple((self._param_keys.get(id(p), id(p)), p.numel()) for p in params)
 
-    def submit(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        """Start reducing ``bucket``; return the future DDP waits on.
+    def submit(self, bucket: Bucket) -> torch.futures.Future:
+        """Start reducing ``bucket`` (a ``dist.GradBucket`` or any :class:`Bucket`); return the
+        future DDP waits on.
 
         Called from DDP's backward thread; the collectives run on the worker thread, on the
-        state's own process group (see the module docstring).
+        state's transport (see the module docstring).
         """
         if not self._bound and dist.is_available() and dist.is_initialized():
             self._bind_group()
@@ -454,7 +533,7 @@ class CompressionState:
         ``load_state_dict``, not counted in ``stats()``.
         """
         mine = torch.tensor([step], dtype=torch.int64).view(torch.uint8).to(device)
-        got = as_transport(self._comm).all_gather(mine, [mine.numel()] * self.world_size).received
+        got = self._bound_transport().all_gather(mine, [mine.numel()] * self.world_size).received
         steps = [int(t.cpu().view(torch.int64)[0]) for t in got]
         self._steps_agreed = True
         if len(set(steps)) > 1:
@@ -476,10 +555,10 @@ class CompressionState:
         self._reduce(buffer, index, step, layout)
         if last and self.memory.finish_step():
             with self._lock:
-                self._stats.nonfinite_steps += 1
+                self._stats.count_nonfinite_step()
 
     def _reduce(self, buffer: torch.Tensor, index: int, step: int, layout: tuple) -> None:
-        group, n = self._comm, self.world_size
+        group, n = self._bound_transport(), self.world_size
         dense = 2 * (n - 1) / n * 4 * buffer.numel()
         if step < self.warmup_steps or self.collective == "allreduce":
             codec = IdentityCodec() if step < self.warmup_steps else self.codec
@@ -529,13 +608,7 @@ class CompressionState:
 
     def _account(self, index, step, numel, rs, dense, collective, compressed) -> None:
         with self._lock:
-            st = self._stats
-            st.bytes_sent += rs.bytes_sent
-            st.messages += rs.messages
-            st.dense_bytes += dense
-            if compressed:
-                st.payload_bytes += rs.payload_bytes
-                st.payload_elements += numel
+            self._stats.record(rs, dense, numel if compressed else None)
             info = {"numel": numel, "collective": collective, "bytes_sent": rs.bytes_sent,
                     "payload_bytes": rs.payload_bytes, "messages": rs.messages}
             if compressed:
@@ -545,7 +618,7 @@ class CompressionState:
                     info["phase2"] = self.plans.describe(self.reduce_codec, (index, 2, self.rank))
                     info["reduce_payload_bytes"] = rs.reduce_payload_bytes
                     info["shard_payload_bytes"] = list(rs.shard_payload_bytes)
-            st.buckets[index] = info
+            self._stats.entries[index] = info
 
     # ------------------------------------------------------------------ public API
     def stats(self) -> dict:
@@ -563,21 +636,9 @@ class CompressionState:
         periodic ones because a payload's size drifted (:mod:`gradcomp.comm.plans`).
         """
         with self._lock:
-            st = self._stats
-            return {
-                "steps": self.step,
-                "bytes_sent": st.bytes_sent,
-                "messages": st.messages,
-                "nonfinite_steps": st.nonfinite_steps,
-                "drift_refits": self.plans.drift_refits,
-                "dense_bytes": st.dense_bytes,
-                "compression_ratio": (st.dense_bytes / st.bytes_sent) if st.bytes_sent else None,
-                "bits_per_element": (8 * st.payload_bytes / st.payload_elements) if st.payload_elements else None,
-                "world_size": self.world_size,
-                "collective": self.collective,
-                "codec": repr(self.codec),
-                "buckets": {k: dict(v) for k, v in st.buckets.items()},
-            }
+            return self._stats.summary(steps=self.step, drift_refits=self.plans.drift_refits,
+                                       world_size=self.world_size, collective=self.collective,
+                                       codec=repr(self.codec))
 
     def _config(self) -> dict:
         return {"codec": repr(self.codec), "reduce_codec": repr(self.reduce_codec),
@@ -595,7 +656,6 @@ class CompressionState:
                           stacklevel=2)
         fits = self.plans.state_dict()
         reduce_res = {int(b): t.clone() for b, ((_, _), t) in self.memory.reduce_residuals.items()}
-        st = self._stats
         return {
             "version": STATE_VERSION,
             "config": self._config(),
@@ -605,9 +665,7 @@ class CompressionState:
             "reduce_residuals": reduce_res,
             "reduce_residual_layouts": {int(b): list(layout)
                                         for b, (layout, _) in self.memory.reduce_residuals.items()},
-            "stats": {"bytes_sent": st.bytes_sent, "dense_bytes": st.dense_bytes,
-                      "payload_bytes": st.payload_bytes, "payload_elements": st.payload_elements,
-                      "messages": st.messages, "nonfinite_steps": st.nonfinite_steps},
+            "stats": self._stats.state_dict(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -626,11 +684,11 @@ class CompressionState:
         self._steps_agreed = False
         self.plans.load_state_dict(sd["fits"])
         self.memory.load(sd["residuals"], sd["reduce_residuals"], sd["reduce_residual_layouts"])
-        st = sd["stats"]
-        self._stats = _Stats(bytes_sent=int(st["bytes_sent"]),
-                             dense_bytes=float(st["dense_bytes"]), payload_bytes=int(st["payload_bytes"]),
-                             payload_elements=int(st["payload_elements"]), messages=int(st.get("messages", 0)),
-                             nonfinite_steps=int(st.get("nonfinite_steps", 0)))
+        stats = WireStats(HOOK_COUNTERS)  # per-bucket figures start afresh
+        # Checkpoints from before messages and nonfinite_steps were counted lack them: 0.
+        stats.load_state_dict(sd["stats"], required=("bytes_sent", "dense_bytes", "payload_bytes", "payload_elements"))
+        with self._lock:
+            self._stats = stats
 
     def wait_idle(self) -> None:
         """Block until every submitted bucket has been reduced (or has failed)."""

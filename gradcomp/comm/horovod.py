@@ -48,7 +48,7 @@ import torch
 
 from gradcomp.codecs import Codec
 from gradcomp.codecs.dense import IdentityCodec
-from gradcomp.comm.collectives import ExchangeResult, Transport, choose_collective
+from gradcomp.comm.collectives import ExchangeResult, Transport
 from gradcomp.comm.hook import CompressionState
 
 BUILD_HINT = ("Build it into the venv with `bash launch/build_horovod.sh` (Horovod 0.28.1 with "
@@ -133,47 +133,25 @@ class HorovodTransport(Transport):
         if wire is not tensor:
             tensor.copy_(wire)
 
-    def all_gather_object(self, text: str) -> list[str]:
-        """Every rank's ``text``, in rank order (for the settings check at construction)."""
-        data = torch.tensor(list(text.encode()), dtype=torch.uint8)
-        return [bytes(t.tolist()).decode() for t in self.all_gather(data).received]
-
 
 class HorovodCompressionState(CompressionState):
     """:class:`gradcomp.comm.hook.CompressionState` whose collectives run on a :class:`HorovodTransport`.
 
-    Takes the same options as the DDP hook's state, except ``process_group``. Built by
-    :class:`DistributedOptimizer`; use it directly to reduce your own buckets with
-    ``submit(bucket)`` (any object with ``buffer()``, ``index()``, ``is_last()``, ``parameters()``).
+    Takes the same options as the DDP hook's state, except ``process_group``: it is the base
+    state built with ``transport=`` (bound at construction, no process group of its own; Horovod
+    orders its own collectives). Built by :class:`DistributedOptimizer`; use it directly to
+    reduce your own buckets with ``submit(bucket)`` (any :class:`gradcomp.comm.hook.Bucket`:
+    an object with ``buffer()``, ``index()``, ``is_last()``, ``parameters()``).
     """
 
-    def __init__(self, codec: Codec, transport: HorovodTransport, **options):
+    settings_owner = "their Horovod DistributedOptimizer"
+
+    def __init__(self, codec: Codec, transport: HorovodTransport, **options: Any):
         if "process_group" in options:
             raise ValueError("HorovodCompressionState takes a transport, not a process_group")
         if not isinstance(transport, HorovodTransport):
             raise ValueError(f"transport must be a HorovodTransport, got {type(transport).__name__}")
-        super().__init__(codec, process_group=transport, **options)
-        if not self._bound:  # else the base class bound it (torch.distributed is initialized)
-            self._bind_group()
-
-    def _bind_group(self) -> None:
-        """Bind to the transport (Horovod orders its own collectives: no group of our own)."""
-        transport = self.process_group
-        self.world_size, self.rank = transport.world_size, transport.rank
-        self.collective = choose_collective(self.collective_setting, self.codec, self.world_size)
-        self._comm, self._bound = transport, True
-        self._check_same_settings_on_all_ranks()
-
-    def _check_same_settings_on_all_ranks(self) -> None:
-        if self.world_size <= 1:
-            return
-        mine = repr(sorted(self._config().items()))
-        everyone = self.process_group.all_gather_object(mine)
-        if any(other != mine for other in everyone):
-            raise ValueError(
-                "gradcomp: ranks built their Horovod DistributedOptimizer with different settings; "
-                "every rank must use the same codec and options, or their collectives would not "
-                "match. Settings by rank: " + "; ".join(f"{r}: {c}" for r, c in enumerate(everyone)))
+        super().__init__(codec, transport=transport, **options)
 
     def __setstate__(self, state: dict) -> None:
         raise TypeError("a HorovodCompressionState cannot be unpickled (it holds a Horovod "
@@ -220,7 +198,7 @@ def bucket_assignment(params: Sequence[torch.Tensor], limits: Sequence[int],
     smallest index; with it (the gradient-ready order) they stay in the order they closed.
     """
     visit = list(range(len(params))) if order is None else list(order)
-    result: list[tuple[list[int], int]] = []  # (indices, closing position) for sorting
+    result: list[list[int]] = []  # buckets of parameter indices, in the order they closed
     open_: dict[tuple, list[int]] = {}
     sizes: dict[tuple, int] = {}
     limit_pos: dict[tuple, int] = {}
@@ -298,8 +276,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if unnamed:
                 raise ValueError(f"{len(unnamed)} optimizer parameter(s) are not in named_parameters; "
                                  "pass model.named_parameters() of the model the optimizer trains")
-        transport = HorovodTransport(process_set)  # also checks horovod is importable and initialized
-        self._state = HorovodCompressionState(codec, transport, **options)
+        self._transport = HorovodTransport(process_set)  # also checks horovod is importable and initialized
+        self._state = HorovodCompressionState(codec, self._transport, **options)
 
         # What DDP reduces: parameters that require gradients, each once, in model order.
         seen: set[int] = set()
@@ -354,7 +332,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         order = list(self._ready)
         seen = set(order)
         order += [i for i in reversed(range(len(self._params))) if i not in seen]
-        transport: HorovodTransport = self._state.process_group
+        transport = self._transport
         if transport.world_size > 1:
             order = [int(t) for t in transport.all_gather_object(",".join(map(str, order)))[0].split(",") if t]
         self._buckets = bucket_assignment(self._params, [self._first_cap, self._cap], order)
@@ -375,21 +353,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
         last = len(self._buckets) - 1
         for index, idxs in enumerate(self._buckets):
             params = [self._params[i] for i in idxs]
-            pieces = []
+            grads = []
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 elif p.grad.is_sparse:
                     raise ValueError("sparse gradients are not supported")
-                pieces.append(p.grad.detach().reshape(-1))
-            flat = torch.cat(pieces)
-            work.append((params, flat, self._state.submit(_Bucket(flat, index, index == last, params))))
-        for params, flat, fut in work:
+                grads.append(p.grad)
+            flat = torch.cat([g.detach().reshape(-1) for g in grads])
+            work.append((grads, flat, self._state.submit(_Bucket(flat, index, index == last, params))))
+        for grads, flat, fut in work:
             fut.wait()
             offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad.detach().copy_(flat[offset:offset + n].view_as(p.grad))
+            for g in grads:
+                n = g.numel()
+                g.detach().copy_(flat[offset:offset + n].view_as(g))
                 offset += n
         if not self._rebuilt:
             self._rebuild_buckets()

@@ -54,8 +54,9 @@ def _parameter_names(fn) -> set[str]:
 
 
 def _state_option_names() -> set[str]:
-    """CompressionState keyword options the strategy accepts (not the codec, not the group)."""
-    return _parameter_names(CompressionState.__init__) - {"codec", "process_group"}
+    """CompressionState keyword options the strategy accepts (not the codec, not the group or
+    transport: the strategy reduces over DDP's group)."""
+    return _parameter_names(CompressionState.__init__) - {"codec", "process_group", "transport"}
 
 
 class GradcompDDPStrategy(DDPStrategy):

@@ -106,3 +106,48 @@ def test_timeout_accepts_seconds_and_timedelta():
 
     assert gradcomp.CompressionState(FPCodec(6), timeout=7).timeout == datetime.timedelta(seconds=7)
     assert gradcomp.CompressionState(FPCodec(6), timeout=datetime.timedelta(minutes=2)).timeout.total_seconds() == 120
+
+
+class _OneRankTransport(gradcomp.collectives.Transport):
+    """A Transport of one rank: nothing ever crosses a network."""
+
+    rank, world_size = 0, 1
+
+
+def test_state_on_a_given_transport_binds_at_once_and_stays_bound():
+    transport = _OneRankTransport()
+    s = gradcomp.CompressionState(FPCodec(6), transport=transport)
+    assert s.transport is transport and s._bound and s.process_group is None
+    assert (s.rank, s.world_size) == (0, 1)
+    s.close()
+    assert s.transport is transport and s._bound  # no group of its own to release
+    with pytest.raises(TypeError, match="cannot be unpickled"):
+        pickle.loads(pickle.dumps(s))
+    with pytest.raises(ValueError, match="not both"):
+        gradcomp.CompressionState(FPCodec(6), process_group=object(), transport=transport)
+    with pytest.raises(ValueError, match="must be a gradcomp.comm.collectives.Transport"):
+        gradcomp.CompressionState(FPCodec(6), transport=object())
+
+
+def test_wire_stats_checkpoint_roundtrip_and_required_counters():
+    from gradcomp.comm.collectives import ReduceStats
+    from gradcomp.comm.stats import FSDP_COUNTERS, HOOK_COUNTERS, WireStats
+
+    st = WireStats(FSDP_COUNTERS)
+    st.record(ReduceStats(bytes_sent=10, payload_bytes=4, messages=1), dense_bytes=40.0, elements=8)
+    st.record_replica(ReduceStats(bytes_sent=3, messages=1), dense_bytes=6.0)
+    st.count_nonfinite_step()
+    assert list(st.state_dict()) == list(FSDP_COUNTERS)
+    again = WireStats(FSDP_COUNTERS)
+    again.load_state_dict(st.state_dict())
+    assert again.state_dict() == st.state_dict() == {
+        "bytes_sent": 10, "messages": 2, "dense_bytes": 40.0, "payload_bytes": 4, "payload_elements": 8,
+        "replica_bytes_sent": 3, "replica_dense_bytes": 6.0, "nonfinite_steps": 1}
+    hook = WireStats(HOOK_COUNTERS)
+    hook.load_state_dict({"bytes_sent": "5", "dense_bytes": 1, "payload_bytes": 0, "payload_elements": 0})
+    assert hook.counters["bytes_sent"] == 5 and isinstance(hook.counters["dense_bytes"], float)
+    assert hook.counters["messages"] == 0  # older checkpoints lack it
+    with pytest.raises(KeyError):
+        hook.load_state_dict({"dense_bytes": 1.0}, required=("bytes_sent",))
+    with pytest.raises(ValueError, match="unknown wire counters"):
+        WireStats(("bytes",))
