@@ -45,13 +45,22 @@ def _atomic_save(obj, path: Path) -> None:
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: damaged, tampered with, or from another run.
 
-    ``path`` is the file (or ``latest`` pointer) at fault; the message starts with it. A
-    ``ValueError``, so callers that catch those keep working.
+    ``path`` is the file (or ``latest`` pointer) at fault; the message starts with it; ``reason``
+    is the rest. A ``ValueError``, so callers that catch those keep working. Pickles intact (Ray
+    hands a worker's exception to the driver that way).
+
+    >>> import pickle
+    >>> str(pickle.loads(pickle.dumps(CheckpointError("ck/latest", "is empty"))))
+    'checkpoint file ck/latest: is empty'
     """
 
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = Path(path)
+        self.reason = reason
         super().__init__(f"checkpoint file {self.path}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
 
 # Fields a resumed run must share with the run that wrote the checkpoint (they fix the model's
@@ -158,12 +167,20 @@ def _read(path: Path, step_dir: Path):
 
 
 def _check_fit_entry(k, v, path: Path) -> None:
-    """A saved fit: key ``bucket/phase/shard/segment``; value ``[]`` or ``[mu, sigma >= 0, count >= 0,
-    max_abs >= 0, *sample]`` with the sample ascending, positive and finite (at most SAMPLE_SIZE)."""
+    """One entry of a saved plan cache (:meth:`gradcomp.comm.plans.PlanCache.state_dict`).
+
+    A fit: key ``bucket/phase/shard/segment``; value ``[]`` or ``[mu, sigma >= 0, count >= 0,
+    max_abs >= 0, *sample]`` with the sample ascending, positive and finite (at most SAMPLE_SIZE).
+    A drift baseline: key ``bucket/phase/shard``; value ``[payload bytes >= 0]``.
+    """
     from gradcomp.codecs.base import SAMPLE_SIZE
 
     parts = k.split("/") if isinstance(k, str) else []
-    _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
+    _need(len(parts) in (3, 4) and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
+    if len(parts) == 3:
+        _need(isinstance(v, list) and len(v) == 1 and is_real(v[0]) and 0 <= v[0] < 2**53, path,
+              f"'hook'['fits'][{k!r}] is {v!r:.200}; a payload-size baseline is [bytes >= 0]")
+        return
     sample = v[4:] if isinstance(v, list) else []
     ok = isinstance(v, list) and (not v or (
         4 <= len(v) <= 4 + SAMPLE_SIZE

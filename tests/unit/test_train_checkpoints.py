@@ -327,3 +327,15 @@ def test_intact_checkpoint_with_compression_state_loads(tmp_path):
     err, *_ = run_case(tmp_path / "2", "main", lambda s, r: s / "model.pt")
     assert err is None, err
 
+
+
+def test_plan_cache_drift_baselines_are_valid_entries(tmp_path):
+    """PlanCache.state_dict holds fits (4-part keys) and payload-size baselines (3-part keys)."""
+    from gradcomp.app.checkpoint import CheckpointError, _check_fit_entry
+
+    path = tmp_path / "compression-rank0.pt"
+    _check_fit_entry("0/1/0/0", [], path)
+    _check_fit_entry("0/1/0", [1234.0], path)
+    for key, value in (("0/1/0", [-1.0]), ("0/1/0", [math.nan]), ("0/1/0", [1.0, 2.0]), ("0/1", [1.0])):
+        with pytest.raises(CheckpointError, match="'hook'\\['fits'\\]"):
+            _check_fit_entry(key, value, path)
