@@ -211,24 +211,17 @@ def _task(cfg: dict) -> Task:
 # ----------------------------------------------------------------------------- cost model
 def torch_model_bytes(method: str, params: list, world: int) -> float | None:
     """Return cost-model bytes per rank per steady step of fp32/torch hooks (ring all-reduce of the
-    tensors each hook all-reduces; PowerSGD: its P and Q factors plus uncompressed tensors)."""
-    ring = 2 * (world - 1) / world
+    tensors each hook all-reduces; PowerSGD: its P and Q factors plus uncompressed tensors, the
+    training application's model :func:`gradcomp.app.methods.powersgd_bytes`)."""
+    from gradcomp.app.methods import dense_ring_bytes, powersgd_bytes
+
     numel = sum(p.numel() for p in params)
     if method == "fp32":
-        return ring * 4 * numel
+        return dense_ring_bytes(numel, world, 4)
     if method == "fp16_hook":
-        return ring * 2 * numel
+        return dense_ring_bytes(numel, world, 2)
     if method.startswith("powersgd_r"):
-        r = int(method[len("powersgd_r"):])
-        sent = 0
-        for p in params:
-            if p.dim() > 1:
-                rows, cols = p.shape[0], p.numel() // p.shape[0]
-                if (rows + cols) * min(r, rows, cols) * 2 < rows * cols:  # min_compression_rate 2
-                    sent += (rows + cols) * min(r, rows, cols)
-                    continue
-            sent += p.numel()
-        return ring * 4 * sent
+        return powersgd_bytes(params, int(method[len("powersgd_r"):]), world)[0]
     return None
 
 

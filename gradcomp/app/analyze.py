@@ -37,12 +37,15 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DistributedSampler
 
+from gradcomp.app.config import is_int, is_real
 from gradcomp.app.data import DATASETS, load_dataset, make_loader
 from gradcomp.app.models import MODELS, build_model, num_parameters
 from gradcomp.numerics import lognormal
@@ -65,10 +68,6 @@ SEED_TABLE = {
     "VGG16 (ImageNet)": {"normal": (0.35, 0.08, 3e-6), "lognormal": (0.06, 0.002, 0.31)},
     "DenseNet121 (ImageNet)": {"normal": (0.33, 0.1, 5e-5), "lognormal": (0.05, 0.001, 0.29)},
 }
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -100,19 +99,19 @@ class AnalyzeConfig:
         for name, lo in (("steps", 1), ("batch_size", 1), ("width", 1), ("seed", 0),
                          ("samples", 10), ("checkpoints", 1)):
             v = getattr(self, name)
-            if not _is_int(v) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if self.checkpoints > self.steps:
             raise ValueError(f"checkpoints ({self.checkpoints}) must be <= steps ({self.steps})")
         for name, v, ok in (("lr", self.lr, lambda x: x > 0),
                             ("momentum", self.momentum, lambda x: 0 <= x < 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+            if not is_real(v) or not ok(v):
                 raise ValueError(f"{name} must be {'> 0' if name == 'lr' else 'in [0, 1)'}, got {v!r}")
-        if self.act_bits is not None and (not _is_int(self.act_bits) or self.act_bits < 1):
+        if self.act_bits is not None and (not is_int(self.act_bits) or self.act_bits < 1):
             raise ValueError(f"act_bits must be None or an int >= 1, got {self.act_bits!r}")
         if self.act_bits is not None and self.model == "mlp":
             raise ValueError("act_bits (Squeeze-and-Threshold) applies to resnet1d/resnet2d, not mlp")
-        if self.num_train is not None and (not _is_int(self.num_train) or self.num_train < 1):
+        if self.num_train is not None and (not is_int(self.num_train) or self.num_train < 1):
             raise ValueError(f"num_train must be None or an int >= 1, got {self.num_train!r}")
 
     @property
@@ -135,18 +134,21 @@ def prepare(config: AnalyzeConfig):
 
 def _target_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv/Linear layers in module order, except those inside an ST block's own bottleneck."""
+    skip_types: tuple[type, ...] = ()
     try:
         from gradcomp.nn import SqueezeThreshold
+
+        skip_types = (SqueezeThreshold,)
     except ImportError:  # ST not available: no such blocks to skip
-        SqueezeThreshold = ()  # noqa: N806
-    skip = [n for n, m in model.named_modules() if SqueezeThreshold and isinstance(m, SqueezeThreshold)]
+        pass
+    skip = [n for n, m in model.named_modules() if skip_types and isinstance(m, skip_types)]
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, LAYER_TYPES) and not any(n.startswith(s + ".") for s in skip)]
 
 
 def _stats(sample: np.ndarray, seed: int) -> dict:
     """Lognormal fit, zero fraction and both KS tests of one gradient sample."""
-    out = {"numel": int(sample.size), "zero_fraction": float(np.mean(sample == 0))}
+    out: dict[str, float | None] = {"numel": int(sample.size), "zero_fraction": float(np.mean(sample == 0))}
     try:
         f = lognormal.fit(sample)
         out["mu"], out["sigma"] = f.mu, f.sigma
@@ -163,7 +165,7 @@ def _stats(sample: np.ndarray, seed: int) -> dict:
 
 def _aggregate(rows: list[dict]) -> dict:
     """Mean/std of the KS statistics and median p-values over ``rows`` (one kind)."""
-    agg = {"count": 0}
+    agg: dict[str, Any] = {"count": 0}  # count: int; per distribution: dict or None; sigma_mean: float or None
     for dist in DISTS:
         ks = np.array([r[f"ks_{dist}"] for r in rows if r[f"ks_{dist}"] is not None], dtype=np.float64)
         ps = np.array([r[f"p_{dist}"] for r in rows if r[f"p_{dist}"] is not None], dtype=np.float64)
@@ -209,7 +211,7 @@ def run(config: AnalyzeConfig, bundle, model: nn.Module, *, log=None) -> tuple[d
     t0 = time.perf_counter()
     step, epoch = 0, 0
     while step < config.steps:
-        loader.sampler.set_epoch(epoch)
+        cast(DistributedSampler, loader.sampler).set_epoch(epoch)  # make_loader's sampler
         for x, y in loader:
             step += 1
             collect = step in ckpts
@@ -232,7 +234,9 @@ def run(config: AnalyzeConfig, bundle, model: nn.Module, *, log=None) -> tuple[d
                 h.remove()
             if collect:
                 for idx, (name, layer) in enumerate(layers):
-                    w = layer.weight.grad
+                    w = cast(torch.Tensor, layer.weight).grad
+                    if w is None:
+                        raise RuntimeError(f"layer {name!r} got no weight gradient in step {step}")
                     wsample = lognormal.subsample(
                         w, config.samples, seed=derive_key(config.seed, step, idx, 0) >> 32)
                     for kind, sample in (("weight", wsample), ("neural", neural.get(name))):

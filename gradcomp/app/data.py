@@ -40,7 +40,9 @@ import os
 import random
 import tempfile
 import warnings
+from collections.abc import Sized
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -335,7 +337,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size:
             shard too small for one batch with ``drop_last``.
     """
     try:
-        n = len(dataset)
+        n = len(cast(Sized, dataset))  # a Dataset without __len__ raises TypeError here
     except TypeError:
         raise ValueError(f"make_loader: dataset must be a sized map-style Dataset, got "
                          f"{type(dataset).__name__}") from None
@@ -354,8 +356,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size:
     if drop_last and shard < batch_size:
         raise ValueError(f"make_loader: each of {world_size} ranks gets {shard} of {n} samples, "
                          f"fewer than batch_size={batch_size}, so drop_last would leave no batch")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=int(rank), shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last)
+    sampler: DistributedSampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=int(rank),
+                                                          shuffle=shuffle, seed=seed, drop_last=drop_last)
     # DataLoader draws a base seed for worker processes from its generator on every iter();
     # without one that draw would come from (and advance) torch's global RNG.
     generator = torch.Generator().manual_seed(derive_key(seed, int(rank), 0x10AD))

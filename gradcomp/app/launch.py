@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from gradcomp.app.train import CODECS, TRANSPORTS, TrainConfig
+from gradcomp.app.config import CODECS, TRANSPORTS, TrainConfig
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -235,7 +235,8 @@ def preflight(args: argparse.Namespace, output: Path) -> TrainConfig:
     written, a placement the embedded (single-node) Ray cannot satisfy.
     """
     from gradcomp.app import data
-    from gradcomp.app.train import build_codec, build_model
+    from gradcomp.app.methods import build_codec
+    from gradcomp.app.train import build_model
 
     try:
         config = config_from_args(args, output)
@@ -407,7 +408,7 @@ def _choose_resume(ray_dir: str | None, checkpoint_dir: str | None, rank: int, w
     """
     import torch.distributed as dist
 
-    from gradcomp.app.train import latest_checkpoint
+    from gradcomp.app.checkpoint import latest_checkpoint
 
     ours = None
     if checkpoint_dir is not None:

@@ -27,9 +27,9 @@ COMP = dict(codec="fp", bits=6, error_feedback="worker")
 def _new_state(cfg):
     """The CompressionState train() registers for ``cfg`` (here: without DDP, one process)."""
     from gradcomp import CompressionState
-    from gradcomp.app.train import _error_feedback, build_codec
+    from gradcomp.app.methods import build_codec, error_feedback
 
-    return CompressionState(build_codec(cfg), error_feedback=_error_feedback(cfg), warmup_steps=cfg.warmup_steps,
+    return CompressionState(build_codec(cfg), error_feedback=error_feedback(cfg), warmup_steps=cfg.warmup_steps,
                             refit_every=cfg.refit_every, seed=cfg.seed, collective=cfg.collective,
                             timeout=getattr(cfg, "timeout", None))
 
@@ -278,8 +278,11 @@ def _snapshot(root: Path) -> dict:
 
 def run_case(tmp_path: Path, kind: str, tamper):
     """Damage a fresh checkpoint, resume; return (exception or None, file that should be named, root)."""
-    from gradcomp.app.train import TrainConfig, _Dist, _Hook, build_model, load_checkpoint, train, _optimizer
     from gradcomp.app import data
+    from gradcomp.app.checkpoint import load_checkpoint
+    from gradcomp.app.distributed import DistContext
+    from gradcomp.app.methods import CommHook
+    from gradcomp.app.train import TrainConfig, _optimizer, build_model, train
 
     root = tmp_path / "ck"
     step_dir = make_checkpoint(root)
@@ -292,11 +295,11 @@ def run_case(tmp_path: Path, kind: str, tamper):
         else:
             cfg = TrainConfig(**SMALL, **COMP, checkpoint_dir=str(root))
             model, gq = build_model(cfg, data.load_dataset(cfg.dataset, seed=cfg.seed, num_train=cfg.num_train))
-            hook = _Hook(cfg, None, model, 1)
+            hook = CommHook(cfg, None, model, 1)
             hook.state = _new_state(cfg)
             hook.state.bind_model(model)
             try:
-                load_checkpoint(step_dir, _Dist(), model, _optimizer(cfg, model), hook, gq)
+                load_checkpoint(step_dir, DistContext(), model, _optimizer(cfg, model), hook, gq)
             finally:
                 hook.close()
     except Exception as exc:  # noqa: BLE001 - classified by the caller
@@ -324,3 +327,15 @@ def test_intact_checkpoint_with_compression_state_loads(tmp_path):
     err, *_ = run_case(tmp_path / "2", "main", lambda s, r: s / "model.pt")
     assert err is None, err
 
+
+
+def test_plan_cache_drift_baselines_are_valid_entries(tmp_path):
+    """PlanCache.state_dict holds fits (4-part keys) and payload-size baselines (3-part keys)."""
+    from gradcomp.app.checkpoint import CheckpointError, _check_fit_entry
+
+    path = tmp_path / "compression-rank0.pt"
+    _check_fit_entry("0/1/0/0", [], path)
+    _check_fit_entry("0/1/0", [1234.0], path)
+    for key, value in (("0/1/0", [-1.0]), ("0/1/0", [math.nan]), ("0/1/0", [1.0, 2.0]), ("0/1", [1.0])):
+        with pytest.raises(CheckpointError, match="'hook'\\['fits'\\]"):
+            _check_fit_entry(key, value, path)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gradcomp.app.train import TrainConfig, _Hook
+from gradcomp.app.methods import CommHook
+from gradcomp.app.train import TrainConfig
 
 
 def test_timeout_default_and_validation():
@@ -24,7 +25,7 @@ def test_hook_state_gets_the_timeout():
     fake_ddp = SimpleNamespace(process_group=None, register_comm_hook=lambda s, h: registered.append(s),
                                module=torch.nn.Linear(2, 2))
     model = fake_ddp.module
-    hook = _Hook(TrainConfig(codec="fp", timeout=12.5), fake_ddp, model, 2)
+    hook = CommHook(TrainConfig(codec="fp", timeout=12.5), fake_ddp, model, 2)
     try:
         assert registered == [hook.state]
         assert hook.state.timeout == datetime.timedelta(seconds=12.5)
@@ -36,7 +37,7 @@ def test_owned_group_is_created_with_the_timeout(monkeypatch):
     """Under the env:// contract train() calls init_process_group(timeout=config.timeout)."""
     import torch.distributed as dist
 
-    from gradcomp.app import train as T
+    from gradcomp.app import distributed as D
 
     seen = {}
 
@@ -51,5 +52,5 @@ def test_owned_group_is_created_with_the_timeout(monkeypatch):
     for k, v in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(k, v)
     with pytest.raises(Stop):
-        T._setup_distributed(TrainConfig(timeout=42.0), torch.device("cpu"))
+        D.setup_distributed(TrainConfig(timeout=42.0), torch.device("cpu"))
     assert seen["timeout"] == datetime.timedelta(seconds=42.0) and seen["backend"] == "gloo"
