@@ -632,6 +632,14 @@ def _check_fit_entry(k, v, path: str) -> None:
           "*ascending positive sample] or []")
 
 
+def _check_payload_sizes(sd: dict, path: Path) -> None:
+    """Drift baselines (optional): ``"bucket/phase/shard" -> payload bytes >= 1``."""
+    for k, v in _need_dict(sd.get("payload_sizes", {}), path, "'hook'['payload_sizes']").items():
+        parts = k.split("/") if isinstance(k, str) else []
+        _need(len(parts) == 3 and all(x.isdigit() for x in parts) and _is_int(v) and v >= 1, path,
+              f"'hook'['payload_sizes'] has {k!r}: {v!r}; an entry is 'bucket/phase/shard': bytes >= 1")
+
+
 def _need(cond: bool, path: Path, reason: str) -> None:
     if not cond:
         raise CheckpointError(path, reason)
@@ -745,6 +753,7 @@ def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
     _need_dict(sd["fits"], path, "'hook'['fits']")
     for k, v in sd["fits"].items():
         _check_fit_entry(k, v, path)
+    _check_payload_sizes(sd, path)
     st = _need_dict(sd["stats"], path, "'hook'['stats']", ("bytes_sent", "dense_bytes", "payload_bytes",
                                                             "payload_elements"))
     for k, v in st.items():
@@ -769,6 +778,7 @@ def _check_fsdp_compression_state(sd, path: Path, model: nn.Module) -> int:
               f"'hook'['residuals'][{k!r}] has shape {tuple(t.shape)} (a residual of another model)")
     for k, v in _need_dict(sd["fits"], path, "'hook'['fits']").items():
         _check_fit_entry(k, v, path)
+    _check_payload_sizes(sd, path)
     for k, v in _need_dict(sd["stats"], path, "'hook'['stats']").items():
         _need(_is_real(v) and v >= 0, path, f"'hook'['stats'][{k!r}] is {v!r}")
     return step

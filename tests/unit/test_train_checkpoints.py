@@ -49,6 +49,7 @@ def make_checkpoint(root: Path) -> Path:
     params = list(model.parameters())
     sd["residuals"] = {0: torch.full((params[0].numel(),), 1e-3), 2: torch.zeros(params[2].numel())}
     sd["fits"] = {"0/1/0/0": [-6.0, 1.5, 100.0, 0.25]}
+    sd["payload_sizes"] = {"0/1/0": 120}
     sd["step"] = 3
     torch.save({"format": 1, "world_size": 1, "hook": sd}, step_dir / "compression-rank0.pt")
     state.close()
@@ -255,6 +256,9 @@ COMP_CASES = [
     ("comp fits bad key", _hook_set("fits", value={"a/b": [0.0, 1.0, 1.0, 1.0]})),
     ("comp fits bad value", _hook_set("fits", "0/1/0/0", value=[0.0, "x"])),
     ("comp fits NaN", _hook_set("fits", "0/1/0/0", value=[math.nan, 1.0, 1.0, 1.0])),
+    ("comp payload size bad key", _hook_set("payload_sizes", value={"0/1": 120})),
+    ("comp payload size zero", _hook_set("payload_sizes", "0/1/0", value=0)),
+    ("comp payload size a float", _hook_set("payload_sizes", "0/1/0", value=1.5)),
     ("comp stats a string", _hook_set("stats", "bytes_sent", value="many")),
     ("comp stats missing", _edit(CR, _drop("hook", "stats"))),
     ("comp hook config differs", _hook_set("config", "codec", value="FPCodec(bits=5)")),
