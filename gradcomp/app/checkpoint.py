@@ -167,20 +167,13 @@ def _read(path: Path, step_dir: Path):
 
 
 def _check_fit_entry(k, v, path: Path) -> None:
-    """One entry of a saved plan cache (:meth:`gradcomp.comm.plans.PlanCache.state_dict`).
-
-    A fit: key ``bucket/phase/shard/segment``; value ``[]`` or ``[mu, sigma >= 0, count >= 0,
-    max_abs >= 0, *sample]`` with the sample ascending, positive and finite (at most SAMPLE_SIZE).
-    A drift baseline: key ``bucket/phase/shard``; value ``[payload bytes >= 0]``.
-    """
+    """One fit of a saved plan cache (:meth:`gradcomp.comm.plans.PlanCache.state_dict`): key
+    ``bucket/phase/shard/segment``; value ``[]`` or ``[mu, sigma >= 0, count >= 0, max_abs >= 0,
+    *sample]`` with the sample ascending, positive and finite (at most SAMPLE_SIZE)."""
     from gradcomp.codecs.base import SAMPLE_SIZE
 
     parts = k.split("/") if isinstance(k, str) else []
-    _need(len(parts) in (3, 4) and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
-    if len(parts) == 3:
-        _need(isinstance(v, list) and len(v) == 1 and is_real(v[0]) and 0 <= v[0] < 2**53, path,
-              f"'hook'['fits'][{k!r}] is {v!r:.200}; a payload-size baseline is [bytes >= 0]")
-        return
+    _need(len(parts) == 4 and all(x.isdigit() for x in parts), path, f"'hook'['fits'] has key {k!r}")
     sample = v[4:] if isinstance(v, list) else []
     ok = isinstance(v, list) and (not v or (
         4 <= len(v) <= 4 + SAMPLE_SIZE
@@ -189,6 +182,15 @@ def _check_fit_entry(k, v, path: Path) -> None:
         and all(0 < a < math.inf for a in sample) and all(a <= b for a, b in zip(sample, sample[1:]))))
     _need(ok, path, f"'hook'['fits'][{k!r}] is {v!r:.200}; a fit is [mu, sigma >= 0, count, max_abs, "
           "*ascending positive sample] or []")
+
+
+def _check_payload_sizes(sd: dict, path: Path) -> None:
+    """Drift baselines (optional; :meth:`gradcomp.comm.plans.PlanCache.sizes_state_dict`):
+    ``"bucket/phase/shard" -> payload bytes >= 1``."""
+    for k, v in _need_dict(sd.get("payload_sizes", {}), path, "'hook'['payload_sizes']").items():
+        parts = k.split("/") if isinstance(k, str) else []
+        _need(len(parts) == 3 and all(x.isdigit() for x in parts) and is_int(v) and v >= 1, path,
+              f"'hook'['payload_sizes'] has {k!r}: {v!r}; an entry is 'bucket/phase/shard': bytes >= 1")
 
 
 def _need(cond: bool, path: str | os.PathLike, reason: str) -> None:
@@ -304,6 +306,7 @@ def _check_compression_state(sd, path: Path, model: nn.Module) -> int:
     _need_dict(sd["fits"], path, "'hook'['fits']")
     for k, v in sd["fits"].items():
         _check_fit_entry(k, v, path)
+    _check_payload_sizes(sd, path)
     st = _need_dict(sd["stats"], path, "'hook'['stats']", ("bytes_sent", "dense_bytes", "payload_bytes",
                                                             "payload_elements"))
     for k, v in st.items():
@@ -328,6 +331,7 @@ def _check_fsdp_compression_state(sd, path: Path, model: nn.Module) -> int:
               f"'hook'['residuals'][{k!r}] has shape {tuple(t.shape)} (a residual of another model)")
     for k, v in _need_dict(sd["fits"], path, "'hook'['fits']").items():
         _check_fit_entry(k, v, path)
+    _check_payload_sizes(sd, path)
     for k, v in _need_dict(sd["stats"], path, "'hook'['stats']").items():
         _need(is_real(v) and v >= 0, path, f"'hook'['stats'][{k!r}] is {v!r}")
     return step

@@ -207,7 +207,7 @@ class FSDPCompressionState:
         self._steps_agreed = False
         self._step_nonfinite = False
         self._failure: BaseException | None = None
-        self.plans = PlanCache(per_tensor)  # validates per_tensor
+        self.plans = PlanCache(per_tensor, follow_growth=not (self.worker_feedback or self.reduce_feedback))
         self.per_tensor = per_tensor
         self._layouts: dict[int, tuple] = {}  # unit -> ((parameter, padded shard numel), ...)
         self._residuals: dict[tuple, torch.Tensor] = {}  # (unit, phase) -> flat fp32
@@ -557,6 +557,7 @@ class FSDPCompressionState:
             "version": STATE_VERSION, "config": self._config(), "step": self.step,
             "rank": self.rank, "world_size": self.world_size,
             "fits": self.plans.state_dict(),
+            "payload_sizes": self.plans.sizes_state_dict(),
             "residuals": {f"{u}/{p}": t.detach().clone() for (u, p), t in self._residuals.items()},
             "stats": self._stats.state_dict(),
         }
@@ -572,7 +573,7 @@ class FSDPCompressionState:
                              f"{self.rank} of {self.world_size}: residuals are per rank and per shard layout")
         self.step = int(sd["step"])
         self._steps_agreed = False
-        self.plans.load_state_dict(sd["fits"])
+        self.plans.load_state_dict(sd["fits"], sd.get("payload_sizes"))
         self._residuals = {tuple(int(t) for t in k.split("/")): v.clone() for k, v in sd["residuals"].items()}
         self._staged.clear()
         self._stats.load_state_dict(sd["stats"])

@@ -301,7 +301,7 @@ class CompressionState:
         self.seed = _check_int(seed, "seed", 0)
         self.collective_setting = collective
         self.timeout = _as_timeout(timeout)
-        self.plans = PlanCache(per_tensor)  # validates per_tensor
+        self.plans = PlanCache(per_tensor, follow_growth=not (self.worker_feedback or self.reduce_feedback))
         self.per_tensor = per_tensor
         # ---- internal
         self.process_group = process_group
@@ -661,6 +661,7 @@ class CompressionState:
             "config": self._config(),
             "step": self.step,
             "fits": fits,
+            "payload_sizes": self.plans.sizes_state_dict(),
             "residuals": residuals,
             "reduce_residuals": reduce_res,
             "reduce_residual_layouts": {int(b): list(layout)
@@ -682,7 +683,7 @@ class CompressionState:
         self.wait_idle()
         self.step = int(sd["step"])
         self._steps_agreed = False
-        self.plans.load_state_dict(sd["fits"])
+        self.plans.load_state_dict(sd["fits"], sd.get("payload_sizes"))
         self.memory.load(sd["residuals"], sd["reduce_residuals"], sd["reduce_residual_layouts"])
         stats = WireStats(HOOK_COUNTERS)  # per-bucket figures start afresh
         # Checkpoints from before messages and nonfinite_steps were counted lack them: 0.

@@ -10,10 +10,14 @@ SEGMENTS payload (:mod:`gradcomp.codecs.segments`).
 
 Drift: a codec whose payload size depends on the data (Prune, PruneFP, Budget) remembers each
 shard's payload size at its last refit. When a step's payload leaves ``[size / DRIFT_DOWN, size *
-DRIFT_UP]`` the plans no longer describe the data (gradients shrank or grew since the fit, so a cached
+DRIFT_UP]`` (``[size / DRIFT_DOWN, inf)`` with ``follow_growth=False``) the plans no longer describe the data (gradients shrank or grew since the fit, so a cached
 threshold prunes far more or far less than planned): the shard is refitted and encoded again at
 once (the first encoding is discarded, never sent; the same random key). This costs nothing on
 steps without drift and keeps the sparsity near the requested one between periodic refits.
+With error feedback the hook passes ``follow_growth=False``: its input is the gradient plus the
+residual, and a threshold that followed a growing residual up would keep the compression error
+proportional to the input, so the residual would grow without bound; a threshold held until the
+periodic refit keeps more of a growing input instead.
 
 Keys: a shard is ``(bucket, phase, shard)``; its segment ``s`` is keyed ``(bucket, phase,
 shard, s)``. Random keys of segments: ``derive_key(shard_key, 3, s)`` for the shard's key
@@ -41,7 +45,7 @@ from typing import Any
 import torch
 
 from gradcomp.codecs import Codec
-from gradcomp.codecs.base import ShardFit, fit_or_none
+from gradcomp.codecs.base import FLAG_NONFINITE, ShardFit, fit_or_none
 from gradcomp.codecs.segments import join_segments, segments_wire_bytes, split_points
 from gradcomp.numerics.rng import derive_key
 
@@ -51,14 +55,17 @@ MIN_SEGMENT_NUMEL = 64
 # tight above (more bytes than planned breaks a bit budget), looser below (fewer bytes only cost
 # accuracy, and shrinking gradients are the common case between refits).
 DRIFT_UP, DRIFT_DOWN = 1.1, 1.3
+_MISSING = object()  # a cache entry absent before a refit that is undone
 
 
 class PlanCache:
     """Fits and plans per shard segment (see the module docstring); not thread-safe (one worker uses it)."""
 
-    def __init__(self, per_tensor: bool = True, min_segment: int = MIN_SEGMENT_NUMEL):
+    def __init__(self, per_tensor: bool = True, min_segment: int = MIN_SEGMENT_NUMEL,
+                 follow_growth: bool = True):
         if not isinstance(per_tensor, bool):
             raise ValueError(f"per_tensor must be True or False, got {per_tensor!r}")
+        self.drift_up = DRIFT_UP if follow_growth else math.inf
         self.per_tensor = per_tensor
         self.min_segment = min_segment
         self.fits: dict[tuple, ShardFit | None] = {}  # (bucket, phase, shard, segment)
@@ -106,17 +113,34 @@ class PlanCache:
 
         Codecs without a fit (``uses_fit = False``: TopK, Identity, Half) encode the shard whole:
         they have no plan to make per tensor, and a top-k per tensor would spread its entries
-        evenly over the tensors instead of taking the shard's largest. Codecs with data-dependent
-        payload sizes are refitted on drift (module docstring).
+        evenly over the tensors instead of taking the shard's largest. For the others:
+
+        * a segment planned without a fit (no nonzero finite entry then: an unused parameter, a
+          non-finite step) whose data now has nonzero entries is refitted at once (a pruning plan
+          without a fit sends zeros);
+        * a shard whose payload is flagged non-finite leaves the cache as it was: fits from a
+          poisoned step never plan later ones (the step itself is skipped by the optimizer);
+        * codecs with data-dependent payload sizes are refitted on drift (module docstring).
         """
         if not codec.uses_fit:
-            points = [0, points[-1]]
-        fresh = refit or any(shard_key + (s,) not in self.fits for s in range(len(points) - 1))  # new fits
+            return self._encode(codec, shard, [0, points[-1]],
+                                self.shard_plans(codec, shard_key, shard, [0, points[-1]], refit), key)
+        keys = [shard_key + (s,) for s in range(len(points) - 1)]
+        fresh = refit or any(k not in self.fits for k in keys)  # new fits this call
+        if not fresh and any(self.fits[k] is None and bool(shard[a:b].any())
+                             for k, a, b in zip(keys, points, points[1:])):
+            fresh = refit = True
+        before = self._snapshot(keys, shard_key) if fresh else None
         payload = self._encode(codec, shard, points, self.shard_plans(codec, shard_key, shard, points, refit), key)
-        if not codec.uses_fit or codec.wire_bytes(1) is not None:
+        sized = codec.wire_bytes(1) is None
+        if (fresh or sized) and int(payload[1]) & FLAG_NONFINITE:
+            if before is not None:
+                self._restore(before)
+            return payload
+        if not sized:
             return payload
         base = self.sizes.get(shard_key)
-        if not fresh and base is not None and not base / DRIFT_DOWN <= payload.numel() <= base * DRIFT_UP:
+        if not fresh and base is not None and not base / DRIFT_DOWN <= payload.numel() <= base * self.drift_up:
             payload = self._encode(codec, shard, points,
                                    self.shard_plans(codec, shard_key, shard, points, True), key)
             self.drift_refits += 1
@@ -124,6 +148,23 @@ class PlanCache:
         if fresh or base is None:
             self.sizes[shard_key] = int(payload.numel())
         return payload
+
+    def _snapshot(self, keys: list, shard_key: tuple) -> tuple:
+        return ([(k, self.fits.get(k, _MISSING), self.plans.get(k, _MISSING)) for k in keys],
+                (shard_key, self.sizes.get(shard_key, _MISSING)))
+
+    def _restore(self, snapshot: tuple) -> None:
+        entries, (shard_key, size) = snapshot
+        for k, fit, plan in entries:
+            for table, value in ((self.fits, fit), (self.plans, plan)):
+                if value is _MISSING:
+                    table.pop(k, None)
+                else:
+                    table[k] = value
+        if size is _MISSING:
+            self.sizes.pop(shard_key, None)
+        else:
+            self.sizes[shard_key] = size
 
     @staticmethod
     def _encode(codec: Codec, shard: torch.Tensor, points: list[int], plans: list, key: int) -> torch.Tensor:
@@ -165,26 +206,29 @@ class PlanCache:
         return info
 
     def state_dict(self) -> dict[str, list]:
-        """The fits, ``"bucket/phase/shard/segment" -> [mu, sigma, count, max_abs, *sample]`` (``[]``:
-        no fit), and the drift baselines, ``"bucket/phase/shard" -> [payload bytes]``."""
-        out = {"/".join(str(int(t)) for t in key):
-               [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf), *getattr(f, "sample", ())]
-               if f is not None else [] for key, f in self.fits.items()}
-        out.update({"/".join(str(int(t)) for t in key): [float(n)] for key, n in self.sizes.items()})
-        return out
+        """The fits, ``"bucket/phase/shard/segment" -> [mu, sigma, count, max_abs, *sample]`` (``[]``: no fit)."""
+        return {"/".join(str(int(t)) for t in key):
+                [f.mu, f.sigma, float(f.count), getattr(f, "max_abs", math.inf), *getattr(f, "sample", ())]
+                if f is not None else [] for key, f in self.fits.items()}
 
-    def load_state_dict(self, fits: dict) -> None:
-        """Restore :meth:`state_dict`'s fits and baselines; plans are rebuilt from the fits at
-        each key's first use (so a resumed run encodes as the uninterrupted one would)."""
-        loaded, sizes = {}, {}
+    def sizes_state_dict(self) -> dict[str, int]:
+        """The drift baselines, ``"bucket/phase/shard" -> payload bytes at the last refit``."""
+        return {"/".join(str(int(t)) for t in key): int(n) for key, n in self.sizes.items()}
+
+    def load_state_dict(self, fits: dict, sizes: dict | None = None) -> None:
+        """Restore :meth:`state_dict`'s fits and :meth:`sizes_state_dict`'s baselines (``None``:
+        none saved; each shard's next payload sets its baseline). Plans are rebuilt from the fits
+        at each key's first use, so a resumed run encodes as the uninterrupted one would."""
+        loaded, baselines = {}, {}
         for k, v in fits.items():
             key = tuple(int(t) for t in k.split("/"))
-            if len(key) == 3 and len(v) == 1:
-                sizes[key] = int(v[0])
-            elif len(key) == 4:
-                loaded[key] = ShardFit(v[0], v[1], int(v[2]), v[3], tuple(v[4:])) if v else None
-            else:
-                raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment "
-                                 "(a fit) or bucket/phase/shard (a payload size)")
-        self.fits, self.sizes = loaded, sizes
+            if len(key) != 4:
+                raise ValueError(f"state_dict fit key {k!r} is not bucket/phase/shard/segment")
+            loaded[key] = ShardFit(v[0], v[1], int(v[2]), v[3], tuple(v[4:])) if v else None
+        for k, n in (sizes or {}).items():
+            key = tuple(int(t) for t in k.split("/"))
+            if len(key) != 3 or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"state_dict payload size {k!r}: {n!r} is not bucket/phase/shard: bytes >= 1")
+            baselines[key] = n
+        self.fits, self.sizes = loaded, baselines
         self.plans.clear()

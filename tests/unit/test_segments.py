@@ -220,7 +220,7 @@ def test_plan_cache_refits_a_shard_whose_payload_drifts(codec):
     assert cache.drift_refits == 0
     assert abs(same.numel() - first.numel()) < 0.1 * first.numel()
     copy = PlanCache()
-    copy.load_state_dict(cache.state_dict())
+    copy.load_state_dict(cache.state_dict(), cache.sizes_state_dict())
     sent = []
     for c in (cache, copy):
         shrunk = _drift_cache_step(c, codec, x / 30, refit=False)
@@ -242,4 +242,50 @@ def test_plan_cache_never_refits_fixed_size_codecs_on_drift():
     _drift_cache_step(cache, codec, x / 1000, refit=False)
     assert cache.drift_refits == 0 and cache.sizes == {}
     with pytest.raises(ValueError, match="payload size"):
-        cache.load_state_dict({"0/1": [3.0]})
+        cache.load_state_dict({}, {"0/1": 3})
+
+
+def test_plan_cache_with_error_feedback_holds_thresholds_on_growth():
+    """follow_growth=False (the hook with error feedback): a growing input keeps its threshold
+    until the periodic refit; a shrinking one is still refitted."""
+    from gradcomp.comm.plans import PlanCache
+
+    codec, x = PruneFPCodec(0.85, 6), _lognormal(40_000, 5)
+    cache = PlanCache(follow_growth=False)
+    first = _drift_cache_step(cache, codec, x, refit=True)
+    grown = _drift_cache_step(cache, codec, x * 3, refit=False)
+    assert cache.drift_refits == 0 and grown.numel() > 1.5 * first.numel()
+    _drift_cache_step(cache, codec, x / 30, refit=False)
+    assert cache.drift_refits == 1
+
+
+@pytest.mark.parametrize("codec", [FPCodec(6), PruneFPCodec(0.85, 6), BudgetCodec(1.5)], ids=repr)
+def test_plan_cache_refits_a_segment_planned_without_data(codec):
+    """A tensor that was all zeros at the refit (an unused parameter that step) and has data the
+    next step is refitted at once: a plan without a fit would prune all of it away."""
+    from gradcomp.comm.plans import PlanCache
+
+    x = _lognormal(20_000, 6)
+    cache = PlanCache()
+    _drift_cache_step(cache, codec, torch.cat([x[:10_000], torch.zeros(10_000)]), refit=True)
+    y = decode_payload(_drift_cache_step(cache, codec, x, refit=False), x.numel())
+    assert float((y[10_000:] != 0).double().mean()) > 0.1
+    assert float(((y - x)[10_000:] ** 2).sum() / (x[10_000:] ** 2).sum()) < 1.0
+
+
+@pytest.mark.parametrize("codec", [FPCodec(6), PruneFPCodec(0.85, 6), BudgetCodec(1.5)], ids=repr)
+def test_plan_cache_ignores_the_fits_of_a_non_finite_step(codec):
+    """A refit on a step whose shard holds inf (GradScaler's overflow step) is undone: the next
+    step encodes exactly as if the poisoned step had not refitted."""
+    from gradcomp.comm.plans import PlanCache
+
+    x = _lognormal(20_000, 7)
+    poisoned = x.clone()
+    poisoned[:10_000] = math.inf
+    clean, hit = PlanCache(), PlanCache()
+    for c in (clean, hit):
+        _drift_cache_step(c, codec, x, refit=True)
+    payload = _drift_cache_step(hit, codec, poisoned, refit=True)
+    assert read_header(payload).nonfinite
+    assert torch.equal(_drift_cache_step(clean, codec, x * 0.9, refit=False),
+                       _drift_cache_step(hit, codec, x * 0.9, refit=False))

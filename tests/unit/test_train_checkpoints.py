@@ -49,6 +49,7 @@ def make_checkpoint(root: Path) -> Path:
     params = list(model.parameters())
     sd["residuals"] = {0: torch.full((params[0].numel(),), 1e-3), 2: torch.zeros(params[2].numel())}
     sd["fits"] = {"0/1/0/0": [-6.0, 1.5, 100.0, 0.25]}
+    sd["payload_sizes"] = {"0/1/0": 120}
     sd["step"] = 3
     torch.save({"format": 1, "world_size": 1, "hook": sd}, step_dir / "compression-rank0.pt")
     state.close()
@@ -255,6 +256,9 @@ COMP_CASES = [
     ("comp fits bad key", _hook_set("fits", value={"a/b": [0.0, 1.0, 1.0, 1.0]})),
     ("comp fits bad value", _hook_set("fits", "0/1/0/0", value=[0.0, "x"])),
     ("comp fits NaN", _hook_set("fits", "0/1/0/0", value=[math.nan, 1.0, 1.0, 1.0])),
+    ("comp payload size bad key", _hook_set("payload_sizes", value={"0/1": 120})),
+    ("comp payload size zero", _hook_set("payload_sizes", "0/1/0", value=0)),
+    ("comp payload size a float", _hook_set("payload_sizes", "0/1/0", value=1.5)),
     ("comp stats a string", _hook_set("stats", "bytes_sent", value="many")),
     ("comp stats missing", _edit(CR, _drop("hook", "stats"))),
     ("comp hook config differs", _hook_set("config", "codec", value="FPCodec(bits=5)")),
@@ -328,14 +332,17 @@ def test_intact_checkpoint_with_compression_state_loads(tmp_path):
     assert err is None, err
 
 
-
-def test_plan_cache_drift_baselines_are_valid_entries(tmp_path):
-    """PlanCache.state_dict holds fits (4-part keys) and payload-size baselines (3-part keys)."""
-    from gradcomp.app.checkpoint import CheckpointError, _check_fit_entry
+def test_plan_cache_drift_baselines_are_checked_apart_from_fits(tmp_path):
+    """Fits have 4-part keys; payload-size baselines live in 'payload_sizes' (3-part keys) and
+    may be absent (a state saved before they existed)."""
+    from gradcomp.app.checkpoint import CheckpointError, _check_fit_entry, _check_payload_sizes
 
     path = tmp_path / "compression-rank0.pt"
     _check_fit_entry("0/1/0/0", [], path)
-    _check_fit_entry("0/1/0", [1234.0], path)
-    for key, value in (("0/1/0", [-1.0]), ("0/1/0", [math.nan]), ("0/1/0", [1.0, 2.0]), ("0/1", [1.0])):
-        with pytest.raises(CheckpointError, match="'hook'\\['fits'\\]"):
-            _check_fit_entry(key, value, path)
+    _check_payload_sizes({}, path)
+    _check_payload_sizes({"payload_sizes": {"0/1/0": 1234}}, path)
+    with pytest.raises(CheckpointError, match="'hook'\\['fits'\\]"):
+        _check_fit_entry("0/1/0", [1234.0], path)
+    for sizes in ({"0/1/0": -1}, {"0/1/0": 1.5}, {"0/1": 3}, {"0/1/0": True}, [1]):
+        with pytest.raises(CheckpointError, match="payload_sizes"):
+            _check_payload_sizes({"payload_sizes": sizes}, path)
