@@ -10,14 +10,15 @@ SEGMENTS payload (:mod:`gradcomp.codecs.segments`).
 
 Drift: a codec whose payload size depends on the data (Prune, PruneFP, Budget) remembers each
 shard's payload size at its last refit. When a step's payload leaves ``[size / DRIFT_DOWN, size *
-DRIFT_UP]`` (``[size / DRIFT_DOWN, inf)`` with ``follow_growth=False``) the plans no longer describe the data (gradients shrank or grew since the fit, so a cached
-threshold prunes far more or far less than planned): the shard is refitted and encoded again at
-once (the first encoding is discarded, never sent; the same random key). This costs nothing on
-steps without drift and keeps the sparsity near the requested one between periodic refits.
-With error feedback the hook passes ``follow_growth=False``: its input is the gradient plus the
-residual, and a threshold that followed a growing residual up would keep the compression error
-proportional to the input, so the residual would grow without bound; a threshold held until the
-periodic refit keeps more of a growing input instead.
+DRIFT_UP]`` (``[size / DRIFT_DOWN, inf)`` with ``follow_growth=False``), the plans no longer
+describe the data (gradients shrank or grew since the fit, so a cached threshold prunes far more
+or far less than planned): the shard is refitted and encoded again at once (the first encoding
+is discarded, never sent; the same random key). This costs nothing on steps without drift and
+keeps the sparsity near the requested one between periodic refits. With error feedback the hook
+passes ``follow_growth=False``: its input is the gradient plus the residual, and a threshold
+that followed a growing residual up would keep the compression error proportional to the input,
+so the residual would grow without bound; a threshold held until the periodic refit keeps more
+of a growing input instead.
 
 Keys: a shard is ``(bucket, phase, shard)``; its segment ``s`` is keyed ``(bucket, phase,
 shard, s)``. Random keys of segments: ``derive_key(shard_key, 3, s)`` for the shard's key
