@@ -41,6 +41,11 @@ exit on their own, but the dashboard agent and the runtime-env agent were still 
 later, and the temporary directory (``$TMPDIR/gcray-PID-*``) stays; the next launch stops the
 processes that name a dead launcher's directory and removes it.
 
+The launcher's parts: :mod:`gradcomp.app.launch_cli` (flags, their checks, the preflight),
+:mod:`gradcomp.app.cluster` (``--address``: parsing and probing), :mod:`gradcomp.app.ray_worker`
+(what runs in each worker); this module is the driver (start or connect Ray, route its output,
+run the job, clean up, the results table, :func:`main`).
+
 Example:
     gradcomp-launch --workers 2 --codec prune-fp --act-bits 2 --dataset mnist1d --epochs 4
 """
@@ -48,12 +53,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import errno
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -64,470 +66,21 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from gradcomp.app.config import CODECS, TRANSPORTS, TrainConfig
+from gradcomp.app.cluster import ClusterUnreachable, parse_address, probe_address
+from gradcomp.app.launch_cli import UsageError, build_parser, config_from_args, preflight, previous_run_artifacts
+from gradcomp.app.ray_worker import PROGRESS_MARK, RESULT_KEY, horovod_worker, train_worker
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-RESULT_KEY = "gradcomp_result_json"
 TEMP_PREFIX = "gcray-"  # embedded Ray's temp root: $TMPDIR/gcray-<launcher pid>-<random> (short: socket paths)
-RAY_CLIENT_PORT = 10001  # ray://host without a port
 RAY_LOG = "ray.log"  # in --output: everything Ray's processes and Ray's driver-side loggers print
-PROGRESS_MARK = "@gradcomp-progress@ "  # a worker's stdout line that carries a redraw of the bar
 
 
 class TrainingFailed(RuntimeError):
     """The workers failed (after ``--max-failures`` restarts); the message holds their errors."""
 
 
-def _int_at_least(lo: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < lo:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = None
-    if v is None or not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Return the ``gradcomp-launch`` argument parser."""
-    from gradcomp.app import data, models
-
-    p = argparse.ArgumentParser(
-        prog="gradcomp-launch",
-        description="Ray-launched data-parallel training with gradcomp's compression hooks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("cluster")
-    g.add_argument("--workers", type=_positive_int, default=2, help="training workers (ranks)")
-    g.add_argument("--address", default=None,
-                   help="existing Ray cluster (host:port, 'auto' or ray://...); default: start an embedded local Ray")
-    g.add_argument("--transport", "--strategy", dest="transport", choices=TRANSPORTS, default="ddp",
-                   help="ddp: DDP hooks; horovod: Horovod alltoall/allgather; fsdp: FSDP2 fully_shard with "
-                        "gradcomp's compressed reduce-scatter (gradcomp.comm.fsdp)")
-    g.add_argument("--cpus-per-worker", type=_positive_int, default=1)
-    g.add_argument("--gpus-per-worker", type=_nonneg_int, default=0, help="0: CPU and gloo; >= 1: CUDA and NCCL")
-    g.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"), default="PACK",
-                   help="Ray placement strategy of the workers (STRICT_SPREAD: one per node)")
-    g.add_argument("--max-failures", type=_nonneg_int, default=2,
-                   help="worker-group restarts from the last checkpoint (also: attempts to place the group)")
-    g.add_argument("--timeout", type=_positive_seconds, default=300.0,
-                   help="seconds a rank waits for its peers before failing (process group rendezvous and "
-                        "collectives, the gradcomp hook's own group)")
-    g.add_argument("--startup-timeout", type=_positive_seconds, default=60.0,
-                   help="seconds to connect to --address, and per attempt to place the worker group "
-                        "(1 + --max-failures attempts)")
-    g.add_argument("--no-dashboard", dest="dashboard", action="store_false",
-                   help="embedded Ray only: no dashboard (Ray Train then cannot query its state API)")
-    g.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="embedded Ray only: where the dashboard listens; anything but localhost exposes it")
-    c = p.add_argument_group("compression")
-    c.add_argument("--codec", choices=CODECS, default="prune-fp")
-    c.add_argument("--bits", type=_positive_int, default=6, help="FP bits (fp, prune-fp)")
-    c.add_argument("--exp-bits", type=_positive_int, default=None,
-                   help="fix the exponent bits (default: lognormal split)")
-    c.add_argument("--sparsity", type=_finite_float, default=0.85, help="pruning sparsity (prune, prune-fp)")
-    c.add_argument("--budget-bits", type=_finite_float, default=1.5, help="bits per element (budget)")
-    c.add_argument("--topk-ratio", type=_finite_float, default=0.01, help="fraction kept (topk)")
-    c.add_argument("--powersgd-rank", type=_positive_int, default=2)
-    c.add_argument("--error-feedback", choices=("auto", "none", "worker", "reduce", "both"), default="auto")
-    m = p.add_argument_group("model and data")
-    m.add_argument("--model", choices=models.MODELS, default="resnet1d")
-    m.add_argument("--width", type=_positive_int, default=32)
-    m.add_argument("--act-bits", type=_nonneg_int, default=None,
-                   help="Squeeze-and-Threshold activation bits (1..4; 0: full precision)")
-    m.add_argument("--gradquant-bits", type=_positive_int, default=None, help="neural-gradient FP bits")
-    m.add_argument("--gradquant-sparsity", type=_finite_float, default=0.0)
-    m.add_argument("--dataset", choices=data.DATASETS, default="mnist1d")
-    m.add_argument("--num-train", type=_positive_int, default=None)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=_positive_int, default=5)
-    o.add_argument("--max-steps", type=_positive_int, default=None)
-    o.add_argument("--batch-size", type=_positive_int, default=64, help="per worker")
-    o.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    o.add_argument("--lr", type=_finite_float, default=0.05)
-    o.add_argument("--seed", type=_nonneg_int, default=0)
-    r = p.add_argument_group("output")
-    r.add_argument("--output", default=None, help="results directory (default: runs/<time>-<codec>)")
-    r.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
-    r.add_argument("--overwrite", action="store_true",
-                   help="start over in an OUTPUT that holds a previous run (deletes its checkpoints, "
-                        "Ray state, results.json and metrics.jsonl)")
-    r.add_argument("--checkpoint-every", type=_nonneg_int, default=50,
-                   help="steps between checkpoints (0: epochs only)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    # Testing fault tolerance: worker RANK SIGKILLs itself at STEP on the first attempt.
-    r.add_argument("--inject-fault", type=_fault_spec, default=None, metavar="RANK:STEP", help=argparse.SUPPRESS)
-    return p
-
-
-RUN_ARTIFACTS = ("checkpoints", "ray", "results.json", "metrics.jsonl", "ray.log")
-
-
-def previous_run_artifacts(output: Path) -> list[Path]:
-    """What a previous launch left in ``output`` (the only paths ``--overwrite`` deletes)."""
-    return [output / name for name in RUN_ARTIFACTS if (output / name).exists()]
-
-
-def config_from_args(args: argparse.Namespace, output: Path) -> TrainConfig:
-    """Map parsed arguments onto a :class:`TrainConfig` (``ValueError`` on invalid combinations)."""
-    return TrainConfig(
-        model=args.model, dataset=args.dataset, width=args.width, num_train=args.num_train,
-        act_bits=args.act_bits or None, gradquant_bits=args.gradquant_bits, gradquant_sparsity=args.gradquant_sparsity,
-        codec=args.codec, bits=args.bits, exp_bits=args.exp_bits, sparsity=args.sparsity,
-        budget_bits=args.budget_bits, topk_ratio=args.topk_ratio, powersgd_rank=args.powersgd_rank,
-        error_feedback=args.error_feedback, transport=args.transport, optimizer=args.optimizer, lr=args.lr,
-        batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
-        checkpoint_dir=str(output / "checkpoints"), checkpoint_every=args.checkpoint_every,
-        resume=args.resume, metrics_path=str(output / "metrics.jsonl"), progress=not args.quiet,
-        device="cuda" if args.gpus_per_worker else "cpu", **_timeout_field(args))
-
-
-def _timeout_field(args) -> dict:
-    # TrainConfig.timeout bounds the process group and the hook's own group (seconds).
-    if "timeout" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return {"timeout": float(args.timeout)}
-    return {}
-
-
-class UsageError(ValueError):
-    """An argument (or combination) the job cannot run with: exit 2 before Ray starts."""
-
-
-def _flag_names(message: str) -> str:
-    # "TrainConfig.exp_bits must ..." -> "--exp-bits must ..."
-    return re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
-
-
-def preflight(args: argparse.Namespace, output: Path) -> TrainConfig:
-    """Build what every worker would build (config, codec, data set, model) and check the run fits.
-
-    Raises :class:`UsageError` with a one-line message for anything that would otherwise fail
-    only after Ray started (and after ``--max-failures`` restarts): codec settings
-    (``--exp-bits`` >= ``--bits``, ``--sparsity 0``...), a data set or model that does not fit
-    the options, fewer samples than one batch per worker, an ``--output`` that cannot be
-    written, a placement the embedded (single-node) Ray cannot satisfy.
-    """
-    from gradcomp.app import data
-    from gradcomp.app.methods import build_codec
-    from gradcomp.app.train import build_model
-
-    try:
-        config = config_from_args(args, output)
-    except ValueError as e:
-        raise UsageError(_flag_names(str(e))) from None
-    try:
-        codec = build_codec(config)
-        if codec is not None and config.transport == "ddp":
-            from gradcomp.comm.hook import choose_collective
-
-            choose_collective(config.collective, codec, max(args.workers, 2))
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--codec {config.codec} with these options: {e}") from None
-    try:
-        bundle = data.load_dataset(config.dataset, seed=config.seed, num_train=config.num_train)
-        build_model(config, bundle)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--dataset {config.dataset} / --model {config.model}: {e}") from None
-    per_rank = len(bundle.train) // args.workers
-    if per_rank // config.batch_size < 1:
-        raise UsageError(
-            f"--batch-size {config.batch_size} x --workers {args.workers} needs at least "
-            f"{config.batch_size * args.workers} training samples, and {config.dataset} has {len(bundle.train)}"
-            f"{' (--num-train)' if config.num_train is not None else ''}: no full batch per worker")
-    problem = _output_problem(output)
-    if problem:
-        raise UsageError(problem)
-    if args.address is None and args.placement == "STRICT_SPREAD" and args.workers > 1:
-        raise UsageError(
-            f"--placement STRICT_SPREAD puts each worker on its own node, and the embedded Ray is one "
-            f"node: {args.workers} workers can never be placed (use PACK or SPREAD, or --address a "
-            f"cluster with >= {args.workers} nodes)")
-    return config
-
-
-def _output_problem(output: Path) -> str | None:
-    """Why ``output`` cannot hold the run (``None``: it can); creates nothing that stays."""
-    existing = output
-    while not os.path.lexists(existing):
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        if existing == output:
-            return f"--output {output} exists and is not a directory"
-        return f"--output {output} is under {existing}, which is a file, not a directory"
-    try:  # os.access would say yes to root on a read-only file system: try it
-        os.rmdir(tempfile.mkdtemp(prefix=".gradcomp-probe-", dir=existing))
-    except OSError as e:
-        return f"--output {output}: cannot create anything in {existing} ({e.strerror or e})"
-    return None
-
-
-# ------------------------------------------------------------------------- cluster address
-def parse_address(text: str) -> tuple[str, str | None, int | None]:
-    """Split ``--address`` into (kind, host, port); kind is ``auto``, ``gcs`` or ``client`` (ray://).
-
-    Raises :class:`UsageError` for anything that is none of ``auto``, ``HOST:PORT`` and
-    ``ray://HOST[:PORT]``.
-    """
-    t = text.strip()
-    if not t:
-        raise UsageError("--address is empty")
-    if t == "auto":
-        return "auto", None, None
-    kind, rest = "gcs", t
-    if t.startswith("ray://"):
-        kind, rest = "client", t[len("ray://"):].rstrip("/")
-    elif "://" in t or "/" in t:
-        raise UsageError(f"--address {text!r}: expected HOST:PORT (the head's GCS address, e.g. 10.0.0.5:6379), "
-                         "'auto' or ray://HOST:PORT")
-    host, sep, port_text = rest.rpartition(":")
-    if not sep and kind == "client":
-        host, port_text = rest, str(RAY_CLIENT_PORT)
-    host = host.strip("[]")  # [::1]:6379
-    if not sep and kind == "gcs" or not host or any(c.isspace() for c in host):
-        raise UsageError(f"--address {text!r}: expected HOST:PORT (the head's GCS address, e.g. 10.0.0.5:6379), "
-                         "'auto' or ray://HOST:PORT")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise UsageError(f"--address {text!r}: the port must be a number in 1..65535, got {port_text!r}")
-    return kind, host, int(port_text)
-
-
-class ClusterUnreachable(RuntimeError):
-    """Nothing usable answers at ``--address`` (exit 1, before Ray is touched)."""
-
-
-def _resolve(host: str, port: int, timeout: float) -> list:
-    found: list = []
-    error: list = []
-
-    def work():
-        try:
-            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except OSError as e:
-            error.append(e)
-
-    t = threading.Thread(target=work, daemon=True, name="gradcomp-resolve")
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise ClusterUnreachable(f"cannot resolve {host!r} within {timeout:g} s")
-    if error:
-        raise ClusterUnreachable(f"cannot resolve {host!r}: {error[0]}")
-    return found
-
-
-def probe_address(address: str, timeout: float) -> None:
-    """Fail fast (:class:`ClusterUnreachable`) if nothing accepts a TCP connection at ``address``.
-
-    ``ray.init`` would retry "Failed to connect to GCS" for minutes; a plain socket connect says
-    within ``timeout`` seconds whether anything listens there. ``auto`` is left to Ray.
-    """
-    kind, host, port = parse_address(address)
-    if kind == "auto" or host is None or port is None:  # "auto": no host or port, left to Ray
-        return
-    what = "Ray client server" if kind == "client" else "Ray GCS"
-    default = (f"{RAY_CLIENT_PORT} for ray://" if kind == "client"
-               else "6379 unless `ray start --head --port` said otherwise")
-    hint = (f"check that the Ray head runs there (`ray status --address {host}:{port}` on the head), that "
-            f"{port} is its {what} port ({default}), and that no firewall drops the connection")
-    deadline = time.monotonic() + timeout
-    try:
-        infos = _resolve(host, port, timeout)
-    except ClusterUnreachable as e:
-        raise ClusterUnreachable(f"--address {address}: {e}; {hint}") from None
-    last = None
-    for family, kind_, proto, _, sockaddr in infos:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        with socket.socket(family, kind_, proto) as s:
-            s.settimeout(left)
-            try:
-                s.connect(sockaddr)
-                return
-            except TimeoutError:
-                last = f"no answer within {timeout:g} s"
-            except OSError as e:
-                last = ("connection refused, nothing listens there" if e.errno == errno.ECONNREFUSED
-                        else str(e.strerror or e))
-    raise ClusterUnreachable(f"--address {address}: cannot reach the {what} at {host}:{port} "
-                             f"({last or f'no answer within {timeout:g} s'}); {hint}")
-
-
-# ------------------------------------------------------------------------- worker side
-def _fault_spec(text: str) -> tuple[int, int]:
-    try:
-        r, s = (int(t) for t in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected RANK:STEP, got {text!r}") from None
-    if r < 0 or s < 1:
-        raise argparse.ArgumentTypeError(f"expected RANK >= 0 and STEP >= 1, got {text!r}")
-    return r, s
-
-
-def _step_of(path) -> int:
-    name = Path(path).name
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else -1
-
-
-def _choose_resume(ray_dir: str | None, checkpoint_dir: str | None, rank: int, world: int) -> str | None:
-    """Pick the newest checkpoint every rank can load: Ray's, or ours if all ranks see it.
-
-    Ray registers a reported checkpoint only when its controller next polls the workers, so a
-    crash right after a report can leave Ray one checkpoint behind. Our own ``latest`` is
-    complete once published; on a shared file system (or one machine) every rank sees it and
-    it is used when newer. On separate disks the ranks disagree and Ray's copy is used.
-    """
-    import torch.distributed as dist
-
-    from gradcomp.app.checkpoint import latest_checkpoint
-
-    ours = None
-    if checkpoint_dir is not None:
-        try:
-            d = latest_checkpoint(checkpoint_dir)
-        except ValueError:
-            d = None
-        if d is not None and (d / f"compression-rank{rank}.pt").is_file():
-            ours = str(d.resolve())
-    seen = [None] * world
-    dist.all_gather_object(seen, ours)
-    ray_step = _step_of(ray_dir) if ray_dir is not None else -1
-    if ours is not None and all(x == ours for x in seen) and _step_of(ours) > ray_step:
-        return ours
-    return ray_dir
-
-
-def _scratch_dir(payload: dict) -> str | None:
-    """Where a worker puts its temporary directories: inside the embedded Ray's temp root (the
-    launcher deletes it however the run ends), else Ray's session directory on that node."""
-    scratch = payload.get("scratch_dir")
-    if scratch and os.path.isdir(scratch):
-        return scratch
-    try:
-        import ray
-
-        node = getattr(ray._private.worker, "_global_node", None)
-        return None if node is None else node.get_session_dir_path()
-    except Exception:  # pragma: no cover - private API moved: the system temp dir
-        return None
-
-
-class _ProgressRelay:
-    """The progress bar's file in a Ray worker: each redraw tqdm writes becomes one stdout line
-    ``PROGRESS_MARK + json`` (the bar's text, or ``null`` when the bar is closed), which Ray
-    forwards to the driver, where :class:`_RayOutput` draws it as the only terminal output."""
-
-    def write(self, s: str) -> int:
-        # sys.stdout.write, not print: Ray Train patches print() in its workers to also log
-        # through the root logger (each line would arrive twice)
-        lines = [PROGRESS_MARK + json.dumps(t) for t in (p.strip("\n") for p in s.split("\r")) if t.strip()]
-        if "\n" in s:
-            lines.append(PROGRESS_MARK + "null")
-        if lines:
-            sys.stdout.write("\n".join(lines) + "\n")
-            sys.stdout.flush()
-        return len(s)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
-def _ray_worker(payload: dict) -> None:
-    """Ray Train worker: resume from Ray's checkpoint if any, train, report to Ray."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    from gradcomp.app.train import train
-
-    config = TrainConfig.from_dict(payload["config"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    checkpoint = ray.train.get_checkpoint()
-    scratch = _scratch_dir(payload)
-    tmp = None
-    ray_dir = None
-    if checkpoint is not None:
-        tmp = tempfile.mkdtemp(prefix="gradcomp-restore-", dir=scratch)
-        ray_dir = checkpoint.to_directory(tmp)
-        if not (Path(ray_dir) / "model.pt").is_file():
-            ray_dir = None  # the final "result" report of a finished run (--resume): not a training state
-    resume_from = _choose_resume(ray_dir, config.checkpoint_dir, rank, ctx.get_world_size())
-    fault = payload.get("inject_fault")
-    # Only the first attempt crashes: a restarted group resumes from a checkpoint.
-    kill_at = fault[1] if fault is not None and fault[0] == rank and resume_from is None else None
-
-    def reporter(metrics: dict, path) -> None:
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        if path is not None:
-            ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(path)),
-                             checkpoint_dir_name=Path(path).name)
-        else:
-            ray.train.report(clean)
-
-    def on_step(step: int) -> None:
-        if kill_at is not None and step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # a crash, not an exception: nothing gets to clean up
-
-    try:
-        result = train(config, reporter=reporter, resume_from=resume_from, on_step=on_step,
-                       progress_stream=_ProgressRelay())
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    # Where each rank ran (multi-node placement is part of the result).
-    import torch.distributed as dist
-
-    nodes = [None] * ctx.get_world_size()
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    result["worker_nodes"] = nodes
-    # The driver reads the metrics of the last checkpoint (Result.metrics): rank 0 reports the
-    # result with a small checkpoint of its own, so no shared file system is needed for it.
-    final = Path(tempfile.mkdtemp(prefix="gradcomp-result-", dir=scratch))
-    try:
-        (final / "result.json").write_text(json.dumps(result, indent=2))
-        ray.train.report({RESULT_KEY: json.dumps(result)},
-                         checkpoint=Checkpoint.from_directory(str(final)) if rank == 0 else None,
-                         checkpoint_dir_name="result")
-    finally:
-        shutil.rmtree(final, ignore_errors=True)
-
-
-def _horovod_worker(payload: dict) -> dict:
-    from gradcomp.app.train import train
-
-    return train(TrainConfig.from_dict(payload["config"]), progress_stream=_ProgressRelay())
-
-
-# ------------------------------------------------------------------------- driver side
 class _sigint_blocked:
     """Block SIGINT in this thread, and in every process and thread started meanwhile.
 
@@ -610,10 +163,11 @@ class _node_ip_loopback:
 
 
 class _RayOutput:
-    """Route what Ray prints during a run: the workers' progress-bar lines (:class:`_ProgressRelay`)
-    to ``terminal`` as one redrawn bar; everything else -- the stdout/stderr of every Ray worker
-    and actor (Ray Train's "Reporting training result ... TrainingReport(...)", the controller's
-    messages, tracebacks) and the driver's own ``ray`` loggers -- to ``log_path`` (appended).
+    """Route what Ray prints during a run: the workers' progress-bar lines
+    (:class:`gradcomp.app.ray_worker._ProgressRelay`) to ``terminal`` as one redrawn bar;
+    everything else -- the stdout/stderr of every Ray worker and actor (Ray Train's "Reporting
+    training result ... TrainingReport(...)", the controller's messages, tracebacks) and the
+    driver's own ``ray`` loggers -- to ``log_path`` (appended).
 
     Worker output reaches the driver through ``ray.init(log_to_driver=True)``, whose handler
     prints every line with a ``(pid=...)`` prefix; :meth:`attach` (after ``ray.init``) replaces
@@ -930,7 +484,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
             if args.transport == "horovod":
                 from gradcomp.comm.horovod import run_on_ray
 
-                results = run_on_ray(_horovod_worker, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                results = run_on_ray(horovod_worker, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                                      use_gpu=bool(args.gpus_per_worker), args=(payload,))
                 result = results[0]
                 ray_info = {"transport": "horovod.ray.RayExecutor", "ray_temp_dir": temp_root}
@@ -958,7 +512,7 @@ def run(args: argparse.Namespace, output: Path) -> dict:
                     from gradcomp.app._ray_loopback import LoopbackTorchConfig
 
                     torch_config = LoopbackTorchConfig(timeout_s=timeout_s)
-                trainer = TorchTrainer(_ray_worker, train_loop_config=payload, scaling_config=scaling,
+                trainer = TorchTrainer(train_worker, train_loop_config=payload, scaling_config=scaling,
                                        run_config=run_config, torch_config=torch_config)
                 fit = _fit(args, trainer)
                 if fit.error is not None:

@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("ray", reason="the ray extra is not installed")
 tqdm = pytest.importorskip("tqdm", reason="the train extra is not installed").tqdm
 
-from gradcomp.app.launch import PROGRESS_MARK, _ProgressRelay, _RayOutput  # noqa: E402
+from gradcomp.app.launch import _RayOutput  # noqa: E402
+from gradcomp.app.ray_worker import PROGRESS_MARK, _ProgressRelay  # noqa: E402
 
 REPORT = ("Reporting training result 1: TrainingReport(checkpoint=None, metrics={'gradcomp_result_json': "
           "'{\"history\": [1, 2, 3]}'}, validation=False) from rank 0")
