@@ -34,6 +34,7 @@ from gradcomp.codecs.sparse import (
     PrunePlan,
     decode_prune_into,
     prune_fp_wire_bytes,
+    pruned_fraction,
 )
 from gradcomp.numerics import lognormal
 from gradcomp.numerics.error_model import MIN_SIGMA, fp_tables, log_top_of, pruning_nmse_z
@@ -333,13 +334,13 @@ class BudgetPlan:
     within_budget: bool
 
 
-def _sample_fractions(sample: np.ndarray, alpha: float) -> tuple[float, float]:
-    """(nonzero, kept) fractions of stochastic pruning at ``alpha`` over a fit's sample of ``|x|``:
-    ``mean(min(1, |x| / alpha))`` and ``mean(|x| > alpha)``."""
-    return float(np.minimum(1.0, sample / alpha).mean()), float((sample > alpha).mean())
+def _sample_fractions(fit, sample: np.ndarray, alpha: float) -> tuple[float, float]:
+    """(nonzero, kept) fractions of stochastic pruning at ``alpha`` over ``fit``'s sample of
+    ``|x|`` (``sample``, as an array): ``1 -`` :func:`pruned_fraction` and ``mean(|x| > alpha)``."""
+    return 1.0 - pruned_fraction(fit, alpha), float((sample > alpha).mean())
 
 
-def _meet_budget(sample: np.ndarray, alpha: float, n: int, usable: float, value_bits: int,
+def _meet_budget(fit, sample: np.ndarray, alpha: float, n: int, usable: float, value_bits: int,
                  budget: float) -> float:
     """``alpha`` when the sample's expected payload at ``alpha`` fits ``budget`` bits per element,
     else the least larger float32 threshold that does (bisection on ``ln alpha`` to 1e-4; when
@@ -349,7 +350,7 @@ def _meet_budget(sample: np.ndarray, alpha: float, n: int, usable: float, value_
     model's kept fraction can be short of the sample's and the payload over budget.
     """
     def over(a: float) -> bool:
-        nz, kept = _sample_fractions(sample, a)
+        nz, kept = _sample_fractions(fit, sample, a)
         return _prune_bits(n, nz * usable, kept * usable, value_bits) > budget
 
     if not over(alpha):
@@ -514,8 +515,8 @@ class BudgetCodec(Codec):
         alpha = min(_f32_up(math.exp(mu + c.z)), float(np.finfo(np.float32).max))
         sample = np.asarray(getattr(fit, "sample", ()), dtype=np.float64)
         if sample.size:  # the fit's own entries, not the lognormal model, decide the payload size
-            alpha = _meet_budget(sample, alpha, n, usable, vb, budget)
-            nz, kept = _sample_fractions(sample, alpha)
+            alpha = _meet_budget(fit, sample, alpha, n, usable, vb, budget)
+            nz, kept = _sample_fractions(fit, sample, alpha)
         z = math.log(alpha) - mu
         if not sample.size:
             nz, kept = (float(v) for v in _fractions(z, s))
