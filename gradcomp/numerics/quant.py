@@ -36,6 +36,7 @@ import torch
 
 from gradcomp.numerics import kernels
 from gradcomp.numerics.formats import FPFormat
+from gradcomp.numerics.packing import pack_unchecked, unpack
 from gradcomp.numerics.rng import hash_bits, resolve_key
 
 ROUNDING_MODES = ("nearest", "stochastic")
@@ -154,30 +155,51 @@ def encode(
     key: int | None = None,
     nan_check: bool = True,
     scale_exp: int = 0,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Round ``x * 2**-scale_exp`` onto ``fmt`` and return the integer codes (same shape).
 
     Codes are ``sign | exponent | mantissa`` (sign in the top bit), uint8 for formats of at most
     8 bits, int32 otherwise. Rounding, saturation and NaN policy: see the module docstring.
     Stochastic rounding draws from ``generator`` (one draw) or uses ``key`` directly. The
-    power-of-two scale ``scale_exp`` is exact (folded into the exponent arithmetic).
+    power-of-two scale ``scale_exp`` is exact (folded into the exponent arithmetic); element
+    ``i`` of ``x`` (row-major) draws its noise at counter ``i``.
+
+    ``packed=True`` returns the codes already packed (:mod:`gradcomp.numerics.packing`): a 1-D
+    uint8 tensor of ``ceil(x.numel() * fmt.bits / 8)`` bytes, equal to
+    ``pack(encode(x, ...).reshape(-1), fmt.bits)`` but, for float32 CPU input, computed in one
+    pass over ``x`` by the native kernel (rounding, NaN check and bit layout fused) -- the fast
+    way to put codes on a wire. Decode it with ``decode(wire, fmt, packed=True, numel=...)``.
 
     Example:
         >>> fmt = FPFormat(3, 2)
         >>> encode(torch.tensor([1.0, -1.1, 100.0]), fmt).tolist()
         [12, 44, 31]
+        >>> encode(torch.tensor([1.0, -1.1, 100.0]), fmt, packed=True).tolist()  # 3 x 6 bits
+        [12, 251, 1]
     """
     _check_input(x, "encode")
     stochastic = _check_rounding(rounding)
     k = resolve_key(generator, key, "encode") if stochastic else 0
     scale_exp = _check_scale(scale_exp)
+    if not isinstance(packed, bool):
+        raise ValueError(f"encode: packed must be a bool, got {packed!r}")
+    nan_message = (f"encode: input has NaN, and {fmt.name} has no NaN code; check with "
+                   "gradcomp.has_nonfinite() and carry a flag, or pass nan_check=False to saturate NaN")
+    if packed:
+        # One native pass: codes, packing and the non-finite flag (NaN is then told from inf).
+        fused = kernels.encode_pack_with_stats(x, fmt, stochastic, k, scale_exp, 0) if x.numel() else None
+        if fused is not None:
+            wire, _, nonfinite = fused
+            if nan_check and nonfinite and bool(torch.isnan(x).any()):
+                raise ValueError(nan_message)
+            return wire
+        codes = encode(x, fmt, rounding, key=k, nan_check=nan_check, scale_exp=scale_exp)
+        return pack_unchecked(codes.reshape(-1), fmt.bits)  # codes are in range by construction
     # The native kernel (float32 CPU) gives the same codes and finds NaN in the same pass.
     fast = kernels.encode_codes(x, fmt, stochastic, k, scale_exp) if x.numel() else None
     if nan_check and (fast[1] if fast is not None else bool(torch.isnan(x).any())):
-        raise ValueError(
-            f"encode: input has NaN, and {fmt.name} has no NaN code; check with "
-            "gradcomp.has_nonfinite() and carry a flag, or pass nan_check=False to saturate NaN"
-        )
+        raise ValueError(nan_message)
     if fast is not None:
         return fast[0]
     xs, src = _as_source(x)
@@ -207,7 +229,7 @@ def decode_table(
 
 
 def decode(codes: torch.Tensor, fmt: FPFormat, *, scale_exp: int = 0,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, packed: bool = False, numel: int | None = None) -> torch.Tensor:
     """Return the float32 values of ``codes`` (integer tensor of ``fmt`` codes) times ``2**scale_exp``.
 
     Exact: every code of a valid format is a float32 number (with a scale, while the product
@@ -216,10 +238,24 @@ def decode(codes: torch.Tensor, fmt: FPFormat, *, scale_exp: int = 0,
     to write into and return; a large fresh result costs the allocator's first touch of every
     page, which on the CPU takes longer than the decode itself.
 
+    ``packed=True``: ``codes`` is a packed stream (what ``encode(..., packed=True)`` returns, a
+    1-D uint8 tensor of exactly ``ceil(numel * fmt.bits / 8)`` bytes, else ``ValueError``) of
+    ``numel`` codes; ``numel`` may be left out when ``out`` is given (any shape, ``out.numel()``
+    codes, filled in row-major order). The result is 1-D (or ``out``); unpacking and decoding
+    run in one native pass on the CPU. Every packed code is a valid code.
+
     Example:
         >>> decode(torch.tensor([0, 5, 37], dtype=torch.uint8), FPFormat(3, 2)).tolist()
         [0.0, 0.3125, -0.3125]
+        >>> decode(torch.tensor([12, 251, 1], dtype=torch.uint8), FPFormat(3, 2), packed=True, numel=3).tolist()
+        [1.0, -1.0, 28.0]
     """
+    if not isinstance(packed, bool):
+        raise ValueError(f"decode: packed must be a bool, got {packed!r}")
+    if packed:
+        return _decode_packed(codes, fmt, _check_scale(scale_exp), out, numel)
+    if numel is not None:
+        raise ValueError("decode: numel is only for packed=True (unpacked codes carry their shape)")
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
         raise ValueError("decode: expected an integer tensor of codes")
     if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == torch.float32
@@ -235,6 +271,32 @@ def decode(codes: torch.Tensor, fmt: FPFormat, *, scale_exp: int = 0,
     if idx.numel() and bool(((idx < 0) | (idx >= fmt.num_codes)).any()):
         raise ValueError(f"decode: codes must be in 0..{fmt.num_codes - 1} for {fmt.name}")
     return table[idx] if out is None else out.copy_(table[idx])
+
+
+def _decode_packed(wire: torch.Tensor, fmt: FPFormat, scale_exp: int, out: torch.Tensor | None,
+                   numel: int | None) -> torch.Tensor:
+    """:func:`decode` of a packed stream (``packed=True``): arguments checked, then one pass."""
+    if not isinstance(wire, torch.Tensor) or wire.dtype != torch.uint8 or wire.dim() != 1:
+        raise ValueError("decode: packed=True expects a 1-D uint8 tensor (the packed stream)")
+    if out is not None and not (isinstance(out, torch.Tensor) and out.dtype == torch.float32
+                                and out.device == wire.device and out.is_contiguous()):
+        raise ValueError(f"decode: out must be a contiguous float32 tensor on {wire.device}")
+    if numel is None:
+        if out is None:
+            raise ValueError("decode: packed=True needs numel (or out) to know how many codes the stream holds")
+        numel = out.numel()
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"decode: numel must be a non-negative int, got {numel!r}")
+    if out is not None and out.numel() != numel:
+        raise ValueError(f"decode: out holds {out.numel()} elements, numel is {numel}")
+    target = torch.empty(numel, dtype=torch.float32, device=wire.device) if out is None else out
+    table = decode_table(fmt, wire.device, scale_exp)
+    if numel and kernels.unpack_decode(wire, table, fmt.bits, target):  # checks the stream's length
+        return target
+    codes = unpack(wire, fmt.bits, numel).to(torch.int64)  # checks the stream's length
+    if numel:
+        target.view(-1).copy_(table[codes])
+    return target
 
 
 def quantize(

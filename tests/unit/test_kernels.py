@@ -139,6 +139,82 @@ def test_format_functions_match_eager(native, fmt):
         into = torch.full(codes.shape, math.nan)
         assert gradcomp.decode(codes, fmt, scale_exp=k, out=into) is into
         assert torch.equal(into.view(torch.int32), want.view(torch.int32))
+        # The fused public path: encode(packed=True) is pack(encode()), decode(packed=True) is
+        # decode(unpack()), on the native kernels and on the eager reference alike.
+        for run in (contextlib.nullcontext, _eager):
+            with run():
+                wire = gradcomp.encode(x, fmt, rounding, key=key, scale_exp=k, packed=True)
+                assert wire.dtype == torch.uint8 and torch.equal(wire, packed)
+                flat = gradcomp.decode(wire, fmt, scale_exp=k, packed=True, numel=x.numel())
+                assert flat.shape == (x.numel(),)
+                assert torch.equal(flat.view(torch.int32), want.view(-1).view(torch.int32))
+                into = torch.full(codes.shape, math.nan)
+                assert gradcomp.decode(wire, fmt, scale_exp=k, packed=True, out=into) is into
+                assert torch.equal(into.view(torch.int32), want.view(torch.int32))
+
+
+def test_packed_format_functions_check_their_arguments(native):
+    import gradcomp
+
+    fmt = FPFormat(3, 2)
+    x = torch.tensor([1.0, -2.0, 3.0])
+    wire = gradcomp.encode(x, fmt, packed=True)
+    assert wire.numel() == 3  # ceil(3 * 6 / 8)
+    for run in (contextlib.nullcontext, _eager):
+        with run():
+            with pytest.raises(ValueError, match="has no NaN code"):
+                gradcomp.encode(torch.tensor([1.0, math.nan]), fmt, packed=True)
+            inf = gradcomp.encode(torch.tensor([1.0, -math.inf]), fmt, packed=True)  # saturates
+            assert gradcomp.decode(inf, fmt, packed=True, numel=2).tolist() == [1.0, -fmt.max]
+            assert gradcomp.encode(torch.empty(0), fmt, packed=True).numel() == 0
+            assert gradcomp.decode(torch.empty(0, dtype=torch.uint8), fmt, packed=True, numel=0).numel() == 0
+            with pytest.raises(ValueError, match="3 codes of 6 bits need 3 bytes, got 2"):
+                gradcomp.decode(wire[:2], fmt, packed=True, numel=3)
+            with pytest.raises(ValueError, match="needs numel"):
+                gradcomp.decode(wire, fmt, packed=True)
+            with pytest.raises(ValueError, match="1-D uint8"):
+                gradcomp.decode(wire.to(torch.int32), fmt, packed=True, numel=3)
+            with pytest.raises(ValueError, match="out holds 4 elements"):
+                gradcomp.decode(wire, fmt, packed=True, numel=3, out=torch.empty(4))
+            with pytest.raises(ValueError, match="only for packed=True"):
+                gradcomp.decode(gradcomp.encode(x, fmt), fmt, numel=3)
+            with pytest.raises(ValueError, match="packed must be a bool"):
+                gradcomp.encode(x, fmt, packed=1)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fp_kernels_do_not_depend_on_thread_count(native, threads):
+    """Encode+pack, unpack+decode and decode-mean split across torch's intra-op threads in
+    chunks; the bytes and bits are those of one thread (and of the eager path) for any count.
+    1,000,003 elements: 16 chunks and a tail, so 3 threads get uneven shares."""
+    x = _inputs()
+    x = torch.cat([x, x.flip(0)] * 7 + [x[:1_000_003 - 14 * x.numel()]])
+    x = x[~x.isnan()]
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            got = []
+            for fmt, stochastic in ((FPFormat(3, 2), True), (FPFormat(4, 3), False), (FPFormat(2, 1), True),
+                                    (FPFormat(5, 6), True)):
+                out = kernels.encode_pack_with_stats(x, fmt, stochastic, derive_key(3), -4, 5)
+                assert out is not None
+                buf, max_abs, bad = out
+                wire = buf[5:]
+                decoded = torch.empty(x.numel())
+                assert kernels.unpack_decode(wire, decode_table(fmt, scale_exp=-4), fmt.bits, decoded)
+                mean = torch.empty(x.numel())
+                assert kernels.decode_mean([wire, wire], [decode_table(fmt, scale_exp=-4)] * 2, [fmt.bits] * 2, 2, mean)
+                got.append((wire, max_abs, bad, decoded.view(torch.int32), mean.view(torch.int32)))
+            results[n] = got
+    finally:
+        torch.set_num_threads(before)
+    for one, many in zip(results[1], results[threads]):
+        assert torch.equal(one[0], many[0]) and one[1:3] == many[1:3]
+        assert torch.equal(one[3], many[3]) and torch.equal(one[4], many[4])
+    fmt = FPFormat(3, 2)
+    assert torch.equal(results[threads][0][0], _reference(x, fmt, True, derive_key(3), -4))
 
 
 def test_decode_rejects_out_of_range_codes_like_eager(native):

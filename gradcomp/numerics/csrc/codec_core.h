@@ -30,8 +30,10 @@ inline uint32_t lowbias32(uint32_t x) {
 
 // STOCH: stochastic rounding; RARE: the format (with its scale) reaches below float32's normal
 // or subnormal range, which needs the true binade of float32 subnormals and a left shift.
+// `pre` is the hash's first step for this element, index * 0x9E3779B9 + k0 (mod 2**32), passed
+// in so that a block can form it by one addition per element (see encode_one below).
 template <bool STOCH, bool RARE>
-inline int32_t encode_one(uint32_t u, uint32_t index, const Fmt& f) {
+inline int32_t encode_one_pre(uint32_t u, uint32_t pre, const Fmt& f) {
   const int32_t sign = static_cast<int32_t>(u >> 31);
   const int32_t a = static_cast<int32_t>(u & 0x7FFFFFFFu);
   const int32_t ef = a >> 23;
@@ -53,8 +55,7 @@ inline int32_t encode_one(uint32_t u, uint32_t index, const Fmt& f) {
   if (STOCH) {
     const int32_t dc = std::min(drop, 30);
     sig >>= std::min(drop - dc, 24);
-    uint32_t h = index * 0x9E3779B9u + f.k0;
-    h = lowbias32(h ^ f.k1);
+    const uint32_t h = lowbias32(pre ^ f.k1);
     const int32_t noise = static_cast<int32_t>((h >> 1) >> (31 - dc));
     q = (sig + noise) >> dc;
   } else {
@@ -66,6 +67,11 @@ inline int32_t encode_one(uint32_t u, uint32_t index, const Fmt& f) {
   int32_t code = ((top + (f.bias - 1)) << f.m) + q;
   code = std::min(code, f.max_code);
   return code | (sign << (f.e + f.m));
+}
+
+template <bool STOCH, bool RARE>
+inline int32_t encode_one(uint32_t u, uint32_t index, const Fmt& f) {
+  return encode_one_pre<STOCH, RARE>(u, index * 0x9E3779B9u + f.k0, f);
 }
 
 // Append `n` codes of `bits` bits to a little-endian bit stream starting at `out` (byte aligned).
