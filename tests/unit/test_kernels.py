@@ -71,7 +71,10 @@ def _unpack_ref(packed, bits, numel):
 def test_encode_pack_and_unpack_decode_match_eager(native, fmt):
     x = _inputs()
     for stochastic in (False, True):
-        for k in (-149, -20, 0, 9):
+        # -126 - min_exponent: the lowest scale of the common path (no float32 subnormal
+        # arithmetic); one below it the kernel takes the RARE path. Both edges, every format.
+        edge = -126 - fmt.min_exponent
+        for k in (-149, -20, 0, 9, edge, edge - 1, edge + 1):
             key = derive_key(fmt.bits, k)
             ref = _reference(x, fmt, stochastic, key, k)
             got = kernels.encode_pack(x, fmt, stochastic, key, k)

@@ -21,6 +21,8 @@ struct Fmt {
   bool stochastic, true_binade, left_shift;
   uint32_t k0, k1;
   int32_t zero_m;  // 1 when m == 0
+  // Folded constants of the common (not RARE) path, see encode_common: 128 + scale - bias, 23 - m.
+  int32_t b_off, d0;
 };
 
 inline uint32_t lowbias32(uint32_t x) {
@@ -67,6 +69,35 @@ inline int32_t encode_one_pre(uint32_t u, uint32_t pre, const Fmt& f) {
   int32_t code = ((top + (f.bias - 1)) << f.m) + q;
   code = std::min(code, f.max_code);
   return code | (sign << (f.e + f.m));
+}
+
+// encode_one_pre<STOCH, false> with the exponent arithmetic folded (the same codes, fewer vector
+// ops; the stochastic encode is bound by the vector ports). Without RARE, scale - bias >= -127,
+// so b_off = 128 + scale - bias >= 1, and with t = max(ef, 1) - b_off:
+//   top + bias - 1 = max(binade, emin) + bias - 1 = max(t, 0)      (emin + bias - 1 == 0)
+//   drop = top - m - lsb = 23 - m + max(t, 0) - t                    (lsb = binade - 23)
+template <bool STOCH>
+inline int32_t encode_common(uint32_t u, uint32_t pre, const Fmt& f) {
+  const int32_t a = static_cast<int32_t>(u & 0x7FFFFFFFu);
+  const int32_t ef = a >> 23;
+  int32_t sig = (a & 0x7FFFFF) | (static_cast<int32_t>(ef != 0) << 23);
+  const int32_t t = std::max(ef, 1) - f.b_off;
+  const int32_t expo = std::max(t, 0);
+  const int32_t drop = f.d0 + expo - t;
+  int32_t q;
+  if (STOCH) {
+    const int32_t dc = std::min(drop, 30);
+    sig >>= std::min(drop - dc, 24);
+    const uint32_t h = lowbias32(pre ^ f.k1);
+    const int32_t noise = static_cast<int32_t>((h >> 1) >> (31 - dc));
+    q = (sig + noise) >> dc;
+  } else {
+    const int32_t dc = std::min(drop, 25);
+    const int32_t odd = (sig >> dc) + f.zero_m * expo;
+    q = (sig + ((1 << (dc - 1)) - 1) + (odd & 1)) >> dc;
+  }
+  const int32_t code = std::min((expo << f.m) + q, f.max_code);
+  return code | static_cast<int32_t>((u >> 31) << (f.e + f.m));
 }
 
 template <bool STOCH, bool RARE>

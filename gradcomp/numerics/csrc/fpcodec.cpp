@@ -21,8 +21,16 @@ Fmt make_fmt(int64_t e, int64_t m, int64_t bias, int64_t scale, bool stochastic,
         static_cast<int32_t>(scale), stochastic, true_binade, left_shift,
         static_cast<uint32_t>(k0), static_cast<uint32_t>(k1)};
   f.zero_m = m == 0 ? 1 : 0;
+  f.b_off = static_cast<int32_t>(128 + scale - bias);
+  f.d0 = static_cast<int32_t>(23 - m);
   return f;
 }
+
+// Elements ahead of the block being encoded whose cache lines are prefetched (4 KB): the encode
+// loop is compute-bound, so without it each block's first loads wait on memory (measured on 16M
+// FP6 codes, one thread: 14.3 -> 11.9 ms stochastic, 12.4 -> 9.2 ms nearest). A prefetch past
+// the input's end is harmless (prefetches do not fault).
+constexpr int64_t kPrefetch = 1024;
 
 // i * 0x9E3779B9 (mod 2**32) for i < kBlock.
 constexpr auto kGoldenSteps = [] {
@@ -41,7 +49,11 @@ inline void encode_block_t(const uint32_t* __restrict s, uint32_t base, int64_t 
     // (base * g + k0) + i * g (mod 2**32), with i * g from a constant table (one multiply per
     // vector fewer; the stochastic encode is bound by the vector ports).
     const uint32_t pre0 = base * 0x9E3779B9u + f.k0;
-    for (int64_t i = 0; i < kBlock; ++i) codes[i] = encode_one_pre<STOCH, RARE>(s[i], pre0 + kGoldenSteps[i], f);
+    if (RARE) {
+      for (int64_t i = 0; i < kBlock; ++i) codes[i] = encode_one_pre<STOCH, true>(s[i], pre0 + kGoldenSteps[i], f);
+    } else {
+      for (int64_t i = 0; i < kBlock; ++i) codes[i] = encode_common<STOCH>(s[i], pre0 + kGoldenSteps[i], f);
+    }
   } else {
     for (int64_t i = 0; i < len; ++i) codes[i] = encode_one<STOCH, RARE>(s[i], base + static_cast<uint32_t>(i), f);
   }
@@ -134,7 +146,7 @@ torch::Tensor encode_pack(torch::Tensor x, int64_t e, int64_t m, int64_t bias, i
         const int64_t len = std::min(kBlock, stop - b);
         const uint32_t* s = src + b;
         const uint32_t base = static_cast<uint32_t>(b);
-        for (int64_t p = 0; p < kBlock; p += 16) __builtin_prefetch(s + 1024 + p);
+        for (int64_t p = 0; p < kBlock; p += 16) __builtin_prefetch(s + kPrefetch + p);
         {
           // Always run (it is nearly free, and it brings the block into L1 before the encode
           // loop: measured 35 -> 22 ms for 16M FP6 stochastic codes on one thread).
@@ -319,6 +331,7 @@ std::vector<torch::Tensor> encode_codes(torch::Tensor x, int64_t e, int64_t m, i
     uint32_t nan = 0;
     for (int64_t b = c0 * kChunk; b < std::min(n, c1 * kChunk); b += kBlock) {
       const int64_t len = std::min(kBlock, n - b);
+      for (int64_t p = 0; p < kBlock; p += 16) __builtin_prefetch(src + b + kPrefetch + p);
       for (int64_t i = 0; i < len; ++i) nan |= static_cast<uint32_t>((src[b + i] & 0x7FFFFFFFu) > 0x7F800000u);
       encode_block(src + b, static_cast<uint32_t>(b), len, f, codes);
       if (wide) std::memcpy(o32 + b, codes, static_cast<size_t>(len) * 4);
