@@ -218,6 +218,28 @@ def test_fp_kernels_do_not_depend_on_thread_count(native, threads):
         assert torch.equal(one[3], many[3]) and torch.equal(one[4], many[4])
     fmt = FPFormat(3, 2)
     assert torch.equal(results[threads][0][0], _reference(x, fmt, True, derive_key(3), -4))
+    finite = x[x.isfinite()]
+    assert results[threads][0][1] == float(finite.abs().max()) and results[threads][0][2] == bool((~x.isfinite()).any())
+
+
+@pytest.mark.parametrize("where", [0, 63, 64, 65_535, 65_536, 999_999])
+def test_encode_pack_statistics(native, where):
+    """max |x| over finite entries and the inf/NaN flag, wherever the extreme entry sits (first,
+    last of a block, of a chunk, in the tail), for the stochastic and nearest kernels."""
+    x = _lognormal_like(1_000_000)
+    for special, flag in ((3.0e38, False), (math.inf, True), (-math.nan, True)):
+        y = x.clone()
+        y[where] = special
+        for stochastic in (False, True):
+            out = kernels.encode_pack_with_stats(y, FPFormat(3, 2), stochastic, 9, 0, 0)
+            assert out is not None
+            want = float(y[y.isfinite()].abs().max())
+            assert out[1] == want and out[2] == flag, (special, stochastic)
+
+
+def _lognormal_like(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randn(n, generator=g).mul(2).exp() * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
 
 
 def test_decode_rejects_out_of_range_codes_like_eager(native):
