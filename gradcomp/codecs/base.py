@@ -143,9 +143,13 @@ def fit_or_none(x: torch.Tensor) -> ShardFit | None:
         f = lognormal.fit(x)
     except ValueError:
         return None
-    a = x.detach().reshape(-1).abs()
-    amax = float(torch.where(torch.isfinite(a), a, torch.zeros_like(a)).max())
-    sub = a[:: max(1, -(-a.numel() // _SAMPLE_STRIDE_TARGET))].to(torch.float64)
+    flat = x.detach().reshape(-1)
+    lo, hi = (float(v) for v in torch.aminmax(flat))  # NaN and inf propagate: then the masked max
+    amax = max(-lo, hi)
+    if not math.isfinite(amax):
+        a = flat.abs()
+        amax = float(torch.where(torch.isfinite(a), a, torch.zeros_like(a)).max())
+    sub = flat[:: max(1, -(-flat.numel() // _SAMPLE_STRIDE_TARGET))].abs().to(torch.float64)
     sub = torch.sort(sub[torch.isfinite(sub) & (sub > 0)]).values
     if sub.numel() > SAMPLE_SIZE:
         sub = sub[torch.linspace(0, sub.numel() - 1, SAMPLE_SIZE, dtype=torch.float64).round().long()]

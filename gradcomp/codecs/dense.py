@@ -36,7 +36,10 @@ class IdentityCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, key: int = 0, plan=None) -> torch.Tensor:
         xs = check_shard(x, "IdentityCodec.encode")
-        return torch.cat([make_header(self.tag, xs), xs.view(torch.uint8)])
+        payload = torch.empty(HEADER_BYTES + 4 * xs.numel(), dtype=torch.uint8, device=xs.device)
+        payload[:HEADER_BYTES] = make_header(self.tag, xs)
+        payload[HEADER_BYTES:].view(torch.float32).copy_(xs)  # a float32 copy (cat copies bytes)
+        return payload
 
     def layout_decoder(self, tag: CodecTag) -> Decoder | None:
         return decode_identity_into if tag == CodecTag.IDENTITY else None
@@ -56,7 +59,10 @@ class HalfCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, key: int = 0, plan=None) -> torch.Tensor:
         xs = check_shard(x, "HalfCodec.encode")
-        return torch.cat([make_header(self.tag, xs), xs.to(torch.float16).view(torch.uint8)])
+        payload = torch.empty(HEADER_BYTES + 2 * xs.numel(), dtype=torch.uint8, device=xs.device)
+        payload[:HEADER_BYTES] = make_header(self.tag, xs)
+        payload[HEADER_BYTES:].view(torch.float16).copy_(xs)  # converted in place, no fp16 temporary
+        return payload
 
     def layout_decoder(self, tag: CodecTag) -> Decoder | None:
         return decode_half_into if tag == CodecTag.HALF else None
@@ -169,6 +175,9 @@ def max_finite_abs(xs: torch.Tensor) -> float:
     """Largest finite ``|x|`` of ``xs`` (0.0 when there is none)."""
     if xs.numel() == 0:
         return 0.0
+    amax, nonfinite = abs_max_and_nonfinite(xs)  # one reduction, no temporary (the usual case)
+    if not nonfinite:
+        return amax
     a = xs.abs()
     return float(torch.where(torch.isfinite(a), a, torch.zeros_like(a)).max())
 
